@@ -1,0 +1,4 @@
+import sys
+from hardwire.cli import main
+
+sys.exit(main())

@@ -1,0 +1,143 @@
+"""The ``hardwire`` command line: parses arguments and calls library functions.
+
+Every user error is a :class:`~hardwire.compiler.errors.HardwireError`, printed as one line
+``hardwire: error: ...`` with exit status 2 and no traceback.
+"""
+
+import argparse
+import json
+import sys
+
+from hardwire.compiler.errors import HardwireError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one line, no usage dump: the user asked for --help if they want it
+        raise HardwireError(f"{self.prog}: {message}")
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def _add_model_args(p, *, seq_len=True):
+    p.add_argument("model", help="llama2.c .bin, GGUF file, or Hugging Face directory")
+    if seq_len:
+        p.add_argument("--seq-len", type=_positive_int, default=None,
+                       help="cap the context length (default: the model's)")
+
+
+def _build_parser():
+    ap = _Parser(prog="hardwire", description="Compile a Llama checkpoint into a chip.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("inspect", help="config, parameter count, ROM bits per weight width")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("run", help="greedy generation with the float, golden or RTL engine")
+    _add_model_args(p)
+    p.add_argument("--tokenizer", help="llama2.c tokenizer.bin (default: next to the model, "
+                   "or the GGUF's own vocabulary)")
+    p.add_argument("--prompt", default="", help="prompt text (default: start from BOS)")
+    p.add_argument("-n", type=_positive_int, default=64, help="tokens to generate (64)")
+    p.add_argument("--engine", choices=("float", "golden", "rtl"), default="float")
+    p.add_argument("--wbits", default="8", help="weight widths for golden/rtl: 8, 4, 3/6, "
+                   "or '4,embed=8' (default 8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--clock-mhz", type=_positive_float, default=50.0,
+                   help="clock for the tokens/s estimate of the rtl engine (50)")
+    p.add_argument("--trace", help="rtl engine: write a waveform (.fst or .vcd)")
+    p.add_argument("--fold", default=None, help="rtl engine: folding (see compile --help)")
+    p.add_argument("--build-dir", default="build", help="where simulations are cached")
+
+    p = sub.add_parser("quantize", help="quantize and report agreement with the float model")
+    _add_model_args(p)
+    p.add_argument("--tokenizer", help="tokenizer for the report prompts")
+    p.add_argument("--wbits", default="8", help="weight widths (8, 4, 3, 3/6, '4,embed=8')")
+    p.add_argument("--report", action="store_true", help="run the quality report")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-n", type=_positive_int, default=128,
+                   help="tokens generated per report prompt (128)")
+
+    return ap
+
+
+def _cmd_inspect(args):
+    from hardwire.compiler import api
+    info = api.inspect_model(args.model, seq_len=args.seq_len)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(api.format_inspect(info))
+
+
+def _cmd_run(args):
+    from hardwire.compiler import api
+    result = api.run_generation(
+        args.model, tokenizer=args.tokenizer, prompt=args.prompt, n=args.n, engine=args.engine,
+        wbits=args.wbits, seq_len=args.seq_len, clock_mhz=args.clock_mhz, trace=args.trace,
+        fold=args.fold, build_dir=args.build_dir,
+        progress=None if args.json else sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["text"])
+        if "cycles" in result:
+            print(api.format_cycles(result), file=sys.stderr)
+
+
+def _cmd_quantize(args):
+    from hardwire.compiler import api
+    if not args.report:
+        info = api.quantize_summary(args.model, wbits=args.wbits, seq_len=args.seq_len)
+        print(json.dumps(info, indent=2) if args.json else api.format_quantize(info))
+        return
+    rep = api.quality_report(args.model, wbits=args.wbits, tokenizer=args.tokenizer,
+                             n=args.n, seq_len=args.seq_len)
+    print(json.dumps(rep, indent=2) if args.json else api.format_quality(rep))
+
+
+COMMANDS = {"inspect": _cmd_inspect, "run": _cmd_run, "quantize": _cmd_quantize}
+
+
+def main(argv=None):
+    ap = _build_parser()
+    try:
+        args = ap.parse_args(argv)
+        if not args.command:
+            ap.print_help()
+            return 2
+        COMMANDS[args.command](args)
+    except HardwireError as e:
+        print(f"hardwire: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hardwire: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

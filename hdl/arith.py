@@ -1,0 +1,53 @@
+"""Integer arithmetic building blocks shared by the hardware blocks.
+
+These mirror the primitive operations of the golden model's numerics (rounding right shift,
+saturation) as Amaranth expressions, so each block spells the arithmetic the same way.
+"""
+
+from amaranth.hdl import Const, Mux, Shape, signed, unsigned, Value
+from amaranth.lib import data
+
+__all__ = ["rshift_round", "rshift_round_var", "saturate", "signed_range", "bits_for",
+           "vector_layout"]
+
+
+def signed_range(bits):
+    """``(lo, hi)`` of a two's complement integer of ``bits`` bits."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def bits_for(lo, hi):
+    """Smallest signed width holding every integer in ``[lo, hi]``."""
+    return Shape.cast(range(min(lo, -1), max(hi, 0) + 1)).width
+
+
+def rshift_round(v, shift):
+    """``(v + 2**(shift-1)) >> shift`` for a constant ``shift`` (arithmetic shift if signed)."""
+    v = Value.cast(v)
+    if shift < 0:
+        raise ValueError(f"shift must be non-negative, not {shift}")
+    if shift == 0:
+        return v
+    return (v + (1 << (shift - 1))) >> shift
+
+
+def rshift_round_var(v, shift):
+    """Rounding right shift by a run-time amount: ``(v + ((1 << shift) >> 1)) >> shift``."""
+    v = Value.cast(v)
+    shift = Value.cast(shift)
+    half = (Const(1, unsigned(1)) << shift) >> 1
+    return (v + half) >> shift
+
+
+def saturate(v, bits):
+    """Clamp a signed value to ``bits`` bits; the result has shape ``signed(bits)``."""
+    v = Value.cast(v)
+    lo, hi = signed_range(bits)
+    if v.shape().signed and v.shape().width <= bits:
+        return v.as_signed() if v.shape().width == bits else v
+    return Mux(v > hi, hi, Mux(v < lo, lo, v))[:bits].as_signed()
+
+
+def vector_layout(bits, length, *, is_signed=True):
+    """Payload layout of a whole vector: element 0 in the least significant bits."""
+    return data.ArrayLayout(signed(bits) if is_signed else unsigned(bits), length)

@@ -1,0 +1,399 @@
+"""Causal multi-head attention of one layer over its own KV cache (``numerics.attention_head``)."""
+
+import operator
+
+import numpy as np
+from amaranth.hdl import Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .arith import bits_for, rshift_round, rshift_round_var, saturate, vector_layout
+from .kvcache import KVCache
+from .rope import pos_shape
+
+__all__ = ["Attention"]
+
+#: Widest multiplier operand of the target (ECP5 ``MULT18X18D``, signed).
+_MUL_BITS = 18
+
+
+def _int_table(name, table):
+    table = np.asarray(table)
+    if table.ndim != 1 or not np.issubdtype(table.dtype, np.integer):
+        raise ValueError(f"{name} must be a 1-D integer array, not {table.dtype} of shape "
+                         f"{table.shape}")
+    table = table.astype(np.int64)
+    if table.size and table.min() < 0:
+        raise ValueError(f"{name} entries must be non-negative, not {int(table.min())}")
+    if table.size and int(table.max()).bit_length() + 1 > _MUL_BITS:
+        raise ValueError(f"{name} entries up to {int(table.max())} need "
+                         f"{int(table.max()).bit_length() + 1} bits as a signed multiplier "
+                         f"operand; the multipliers take at most {_MUL_BITS}")
+    return table
+
+
+def _exp_clamp(exp_mult, exp_shift, exp_len):
+    """Smallest score gap ``d`` with ``rshift_round(d * exp_mult, exp_shift) >= exp_len - 1``.
+
+    Every larger gap indexes the last table entry too, so gaps are clamped to it before the
+    multiplication: the same index, and a narrow multiplier operand. ``None``: no clamp.
+    """
+    if exp_mult == 0:
+        return 0
+    half = (1 << (exp_shift - 1)) if exp_shift else 0
+    need = ((exp_len - 1) << exp_shift) - half      # d * exp_mult >= need
+    return max(0, -(-need // exp_mult))
+
+
+class Attention(wiring.Component):
+    """One layer's attention: store ``k``/``v`` at ``pos``, then every head over ``0..pos``.
+
+    For query head ``h`` (kv head ``h // (n_heads // n_kv_heads)``), over the cached rows
+    ``t = 0..pos``: ``s_t = q_h . k_t``, ``e_t = exp_table[min(rshift_round((max_t s_t - s_t)
+    * exp_mult, exp_shift), exp_len - 1)]``, ``Z = sum e_t``, ``acc_d = sum e_t v_td`` and
+    ``out_hd = sat(rshift_round(acc_d * recip_table[m - 2**(recip_bits-1)], recip_frac + n -
+    recip_bits + out_shift), out_bits)`` where ``m`` is ``Z``'s leading ``recip_bits`` bits
+    and ``n`` its bit length.
+
+    Schedule: ``head_lanes`` heads are computed side by side (one dot product of
+    ``head_size`` products and one ``e_t * v_t`` row update per lane per cycle); the
+    ``n_heads // head_lanes`` head groups take turns. For each group the cache is swept twice,
+    one row per cycle: pass 1 finds the maximum score, pass 2 recomputes the scores, looks up
+    ``e_t`` (a ROM read) and accumulates ``Z`` and ``acc``. The sweeps of successive groups
+    follow back to back; each group's reciprocal and output scaling (two cycles: leading-one
+    detection and ROM read, then the products) overlap the next group's sweep. Score gaps are
+    clamped before the ``exp_mult`` product at the first gap that reaches the last table entry
+    (the index is unchanged, the multiplier operand stays narrow).
+
+    An input with ``pos >= n_pos`` (context full) is consumed without output, leaves the cache
+    unchanged and sets the sticky ``error``.
+
+    Parameters
+    ----------
+    n_heads, n_kv_heads : int
+        Query and key/value heads; ``n_kv_heads`` divides ``n_heads`` (grouped-query).
+    head_size : int
+        Elements per head.
+    n_pos : int
+        Context length (rows of the KV cache).
+    exp_table : numpy integer array
+        Softmax weights ``round(2**exp_frac * exp(-i * step))``, at least ``exp_len`` entries.
+    exp_mult, exp_shift : int
+        Score gap to exp-table index scale (``QLayer.exp_mult``/``exp_shift``).
+    recip_table : numpy integer array
+        ``2**(recip_bits-1)`` reciprocals of the mantissa of ``Z``.
+    recip_bits, recip_frac : int
+        Mantissa width and fraction bits of ``recip_table``.
+    exp_len : int
+        Entries of ``exp_table`` in use (the index saturates at ``exp_len - 1``).
+    bits : int
+        Element width of q, k and v (the KV cache rows).
+    out_bits : int
+        Element width of the output (default ``bits``).
+    out_shift : int
+        Extra right shift of the output (``qkv_bits - act_bits`` narrows the values' scale).
+    head_lanes : int
+        Heads computed in parallel; divides ``n_heads``.
+
+    Members
+    -------
+    i : ``In(stream.Signature(StructLayout({"pos": pos_shape(n_pos), "q": vector_layout(bits, dim), "k": vector_layout(bits, kv_dim), "v": vector_layout(bits, kv_dim)})))``
+        Position and the rotated query, rotated key and value of that position
+        (``dim = n_heads * head_size``, ``kv_dim = n_kv_heads * head_size``).
+    o : ``Out(stream.Signature(vector_layout(out_bits, dim)))``
+        Heads' outputs, concatenated (head 0 in the LSBs).
+    error : ``Out(1)``
+        Sticky: an input had ``pos >= n_pos``.
+    """  # noqa: E501
+
+    def __init__(self, *, n_heads, n_kv_heads, head_size, n_pos, exp_table, exp_mult, exp_shift,
+                 recip_table, recip_bits, recip_frac, exp_len, bits=8, out_bits=None,
+                 out_shift=0, head_lanes=1):
+        out_bits = bits if out_bits is None else out_bits
+        (n_heads, n_kv_heads, head_size, n_pos, exp_mult, exp_shift, recip_bits, recip_frac,
+         exp_len, bits, out_bits, out_shift, head_lanes) = map(operator.index, (
+            n_heads, n_kv_heads, head_size, n_pos, exp_mult, exp_shift, recip_bits,
+            recip_frac, exp_len, bits, out_bits, out_shift, head_lanes))
+        for name, value in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads),
+                            ("head_size", head_size), ("n_pos", n_pos), ("exp_len", exp_len),
+                            ("recip_bits", recip_bits)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads "
+                             f"({n_kv_heads})")
+        if head_lanes < 1 or n_heads % head_lanes:
+            raise ValueError(f"head_lanes ({head_lanes}) must divide n_heads ({n_heads})")
+        if bits < 2 or out_bits < 2:
+            raise ValueError(f"bits ({bits}) and out_bits ({out_bits}) must be at least 2 for "
+                             "signed elements")
+        for name, value in (("exp_shift", exp_shift), ("recip_frac", recip_frac),
+                            ("out_shift", out_shift)):
+            if value < 0:
+                raise ValueError(f"{name} must be non-negative, not {value}")
+        if not 0 <= exp_mult < 1 << (_MUL_BITS - 1):
+            raise ValueError(f"exp_mult ({exp_mult}) must lie in [0, 2**{_MUL_BITS - 1}) to be "
+                             "a multiplier operand")
+        exp_table = _int_table("exp_table", exp_table)
+        if exp_table.size < exp_len:
+            raise ValueError(f"exp_table has {exp_table.size} entries, fewer than exp_len "
+                             f"({exp_len})")
+        exp_table = exp_table[:exp_len]
+        recip_table = _int_table("recip_table", recip_table)
+        if recip_table.size != 1 << (recip_bits - 1):
+            raise ValueError(f"recip_table has {recip_table.size} entries; recip_bits "
+                             f"({recip_bits}) needs 2**{recip_bits - 1} = "
+                             f"{1 << (recip_bits - 1)}")
+        if exp_table[0] < 1 << (recip_bits - 1):
+            raise ValueError(f"exp_table[0] ({int(exp_table[0])}) is below 2**{recip_bits - 1}:"
+                             f" the softmax sum would have fewer than recip_bits ({recip_bits}) "
+                             "mantissa bits")
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        z_max = n_pos * int(exp_table.max())
+        # |acc * recip| <= z_max * 2**(bits-1) * max(recip): signed width of the product
+        need = (z_max * -lo * int(recip_table.max())).bit_length() + 1
+        if need > 64:
+            raise ValueError(f"acc * recip needs {need} bits, more than the golden model's 64")
+        self._n_heads, self._n_kv_heads, self._head_size, self._n_pos = \
+            n_heads, n_kv_heads, head_size, n_pos
+        self._exp_table, self._exp_mult, self._exp_shift, self._exp_len = \
+            exp_table, exp_mult, exp_shift, exp_len
+        self._recip_table, self._recip_bits, self._recip_frac = \
+            recip_table, recip_bits, recip_frac
+        self._bits, self._out_bits, self._out_shift = bits, out_bits, out_shift
+        self._head_lanes = head_lanes
+        super().__init__({
+            "i": In(stream.Signature(data.StructLayout({
+                "pos": pos_shape(n_pos),
+                "q": vector_layout(bits, self.dim),
+                "k": vector_layout(bits, self.kv_dim),
+                "v": vector_layout(bits, self.kv_dim),
+            }))),
+            "o": Out(stream.Signature(vector_layout(out_bits, self.dim))),
+            "error": Out(1),
+        })
+
+    n_heads = property(lambda self: self._n_heads)
+    n_kv_heads = property(lambda self: self._n_kv_heads)
+    head_size = property(lambda self: self._head_size)
+    n_pos = property(lambda self: self._n_pos)
+    exp_mult = property(lambda self: self._exp_mult)
+    exp_shift = property(lambda self: self._exp_shift)
+    exp_len = property(lambda self: self._exp_len)
+    recip_bits = property(lambda self: self._recip_bits)
+    recip_frac = property(lambda self: self._recip_frac)
+    bits = property(lambda self: self._bits)
+    out_bits = property(lambda self: self._out_bits)
+    out_shift = property(lambda self: self._out_shift)
+    head_lanes = property(lambda self: self._head_lanes)
+
+    @property
+    def exp_table(self):
+        return self._exp_table.copy()
+
+    @property
+    def recip_table(self):
+        return self._recip_table.copy()
+
+    @property
+    def dim(self):
+        return self._n_heads * self._head_size
+
+    @property
+    def kv_dim(self):
+        return self._n_kv_heads * self._head_size
+
+    @property
+    def head_groups(self):
+        """Turns of the ``head_lanes`` lanes: ``n_heads // head_lanes``."""
+        return self._n_heads // self._head_lanes
+
+    def latency(self, pos):
+        """Cycles from the input transfer at ``pos`` to the first cycle ``o.valid`` is high:
+        one cycle to write the cache, two sweeps of ``pos + 1`` rows per head group, then the
+        pipeline (cache read, scores, exp ROM, accumulate, reciprocal ROM, output) of 6."""
+        if not 0 <= pos < self._n_pos:
+            raise ValueError(f"pos ({pos}) must lie in [0, n_pos = {self._n_pos})")
+        return 2 * self.head_groups * (pos + 1) + 7
+
+    def initiation_interval(self, pos):
+        """Cycles from the input transfer at ``pos`` to the next input transfer, with ``i``
+        always valid and ``o`` always ready (the next input is taken with the output)."""
+        return self.latency(pos)
+
+    # widths of the datapath (exact bounds)
+    def _ranges(self):
+        b, hs = self._bits, self._head_size
+        lo, hi = -(1 << (b - 1)), (1 << (b - 1)) - 1
+        s_lo, s_hi = hs * lo * hi, hs * lo * lo
+        e_max = int(self._exp_table.max())
+        z_max = self._n_pos * e_max
+        return dict(score=signed(bits_for(s_lo, s_hi)), gap_max=s_hi - s_lo,
+                    e=unsigned(max(1, e_max.bit_length())), z=unsigned(z_max.bit_length()),
+                    acc=signed(bits_for(z_max * lo, z_max * hi)))
+
+    def elaborate(self, platform):
+        m = Module()
+        b, hs, H, G = self._bits, self._head_size, self._head_lanes, self.head_groups
+        group_size = self._n_heads // self._n_kv_heads
+        rb = self._recip_bits
+        r = self._ranges()
+        head_vec = vector_layout(b, hs)
+
+        m.submodules.cache = cache = KVCache(n_pos=self._n_pos, kv_dim=self.kv_dim, bits=b)
+        kv_w = stream.Signature(cache.w.payload.shape()).create()
+        wiring.connect(m, kv_w, cache.w)
+
+        m.submodules.exp_rom = exp_rom = memory.Memory(
+            shape=r["e"], depth=self._exp_len, init=[int(x) for x in self._exp_table])
+        m.submodules.recip_rom = recip_rom = memory.Memory(
+            shape=unsigned(max(1, int(self._recip_table.max()).bit_length())),
+            depth=self._recip_table.size, init=[int(x) for x in self._recip_table])
+
+        err = Signal()
+        m.d.comb += self.error.eq(err | cache.error)
+
+        # -- the request --------------------------------------------------------------------
+        pos = Signal(pos_shape(self._n_pos))
+        q = Signal(vector_layout(b, self.dim))
+        k = Signal(vector_layout(b, self.kv_dim))
+        v = Signal(vector_layout(b, self.kv_dim))
+        m.d.comb += [kv_w.payload.pos.eq(pos), kv_w.payload.k.eq(k), kv_w.payload.v.eq(v)]
+
+        # -- sweep: row t of pass p for head group g -----------------------------------------
+        t = Signal(range(self._n_pos))
+        second = Signal()                           # pass 2
+        g = Signal(range(G))
+        issue = Signal()
+        m.d.comb += [cache.read.addr.eq(t), cache.read.en.eq(issue)]
+
+        # pipeline stage registers: A (rows arrive), B (scores), C (exp ROM data)
+        def beat(name):
+            return {f: Signal(shape, name=f"{name}_{f}") for f, shape in
+                    (("valid", 1), ("second", 1), ("first", 1), ("last", 1), ("g", range(G)))}
+        a, bb, c = beat("a"), beat("b"), beat("c")
+        m.d.sync += [a["valid"].eq(issue), a["second"].eq(second), a["first"].eq(t == 0),
+                     a["last"].eq(t == pos), a["g"].eq(g)]
+        m.d.sync += [bb[f].eq(a[f]) for f in bb] + [c[f].eq(bb[f]) for f in c]
+
+        done = Signal()     # the last group's output is written this cycle
+        with m.FSM():
+            with m.State("IDLE"):
+                m.d.comb += self.i.ready.eq(~self.o.valid | self.o.ready)
+                with m.If(self.i.valid & self.i.ready):
+                    with m.If(self.i.payload.pos < self._n_pos):
+                        m.d.sync += [pos.eq(self.i.payload.pos), q.eq(self.i.payload.q),
+                                     k.eq(self.i.payload.k), v.eq(self.i.payload.v)]
+                        m.next = "WRITE"
+                    with m.Else():
+                        m.d.sync += err.eq(1)
+            with m.State("WRITE"):
+                m.d.comb += kv_w.valid.eq(1)
+                with m.If(kv_w.ready):
+                    m.d.sync += [t.eq(0), second.eq(0), g.eq(0)]
+                    m.next = "SWEEP"
+            with m.State("SWEEP"):
+                m.d.comb += issue.eq(1)
+                m.d.sync += t.eq(t + 1)
+                with m.If(t == pos):
+                    m.d.sync += [t.eq(0), second.eq(~second)]
+                    with m.If(second):
+                        m.d.sync += g.eq(g + 1)
+                        with m.If(g == G - 1):
+                            m.next = "DRAIN"
+            with m.State("DRAIN"):
+                with m.If(done):
+                    m.next = "IDLE"
+
+        # -- lanes --------------------------------------------------------------------------
+        dcap = min(r["gap_max"], _exp_clamp(self._exp_mult, self._exp_shift, self._exp_len))
+        f_valid, f_g = Signal(), Signal(range(G))
+        f1_valid, f1_g = Signal(), Signal(range(G))
+        m.d.sync += [f_valid.eq(c["valid"] & c["second"] & c["last"]), f_g.eq(c["g"]),
+                     f1_valid.eq(f_valid), f1_g.eq(f_g)]
+        m.d.comb += done.eq(f1_valid & (f1_g == G - 1))
+        out = Signal(vector_layout(self._out_bits, self.dim))
+        m.d.comb += self.o.payload.eq(out)
+        with m.If(self.o.valid & self.o.ready):
+            m.d.sync += self.o.valid.eq(0)
+        with m.If(done):
+            m.d.sync += self.o.valid.eq(1)
+
+        def head_slice(vec, index):
+            return head_vec(vec.as_value()[index * hs * b:(index + 1) * hs * b])
+
+        for lane in range(H):
+            # stage A: select this lane's head (of group a.g) and its kv head; dot product
+            q_h, k_h, v_h = (Signal(head_vec, name=f"{x}{lane}") for x in "qkv")
+            with m.Switch(a["g"]):
+                for grp in range(G):
+                    head = grp * H + lane
+                    with m.Case(grp):
+                        m.d.comb += [q_h.eq(head_slice(q, head)),
+                                     k_h.eq(head_slice(cache.read.k, head // group_size)),
+                                     v_h.eq(head_slice(cache.read.v, head // group_size))]
+            score = Signal(r["score"], name=f"score{lane}")
+            m.d.comb += score.eq(sum(q_h[d] * k_h[d] for d in range(hs)))
+            b_s = Signal(r["score"], name=f"b_score{lane}")
+            b_v = Signal(head_vec, name=f"b_v{lane}")
+            m.d.sync += [b_s.eq(score), b_v.eq(v_h)]
+
+            # stage B: pass 1 keeps the maximum; pass 2 forms the exp-table index
+            top = Signal(r["score"], name=f"max{lane}")
+            with m.If(bb["valid"] & ~bb["second"]):
+                m.d.sync += top.eq(Mux(bb["first"] | (b_s > top), b_s, top))
+            gap = Signal(range(dcap + 1), name=f"gap{lane}")
+            m.d.comb += gap.eq(Mux(top - b_s > dcap, dcap, top - b_s))
+            index = rshift_round(gap * self._exp_mult, self._exp_shift)
+            exp_rd = exp_rom.read_port()
+            m.d.comb += [exp_rd.en.eq(1),
+                         exp_rd.addr.eq(Mux(index > self._exp_len - 1, self._exp_len - 1,
+                                            index))]
+            c_v = Signal(head_vec, name=f"c_v{lane}")
+            m.d.sync += c_v.eq(b_v)
+
+            # stage C: accumulate Z and acc; the group's last row also hands them to F
+            e = exp_rd.data
+            z = Signal(r["z"], name=f"z{lane}")
+            acc = Signal(data.ArrayLayout(r["acc"], hs), name=f"acc{lane}")
+            z_next = Signal(r["z"], name=f"z_next{lane}")
+            acc_next = Signal(data.ArrayLayout(r["acc"], hs), name=f"acc_next{lane}")
+            m.d.comb += z_next.eq(Mux(c["first"], 0, z) + e)
+            m.d.comb += [acc_next[d].eq(Mux(c["first"], 0, acc[d]) + e * c_v[d])
+                         for d in range(hs)]
+            f_z = Signal(r["z"], name=f"f_z{lane}")
+            f_acc = Signal(data.ArrayLayout(r["acc"], hs), name=f"f_acc{lane}")
+            with m.If(c["valid"] & c["second"]):
+                m.d.sync += [z.eq(z_next), acc.eq(acc_next)]
+                with m.If(c["last"]):
+                    m.d.sync += [f_z.eq(z_next), f_acc.eq(acc_next)]
+
+            # stage F0: bit length n of Z, reciprocal of its leading recip_bits bits
+            n = Signal(range(r["z"].width + 1), name=f"n{lane}")
+            for k in range(r["z"].width):
+                with m.If(f_z[k]):
+                    m.d.comb += n.eq(k + 1)
+            recip_rd = recip_rom.read_port()
+            mant = f_z >> (n - rb)[:len(n)]
+            m.d.comb += recip_rd.en.eq(1)
+            if rb > 1:
+                m.d.comb += recip_rd.addr.eq(mant[:rb - 1])
+            f1_n = Signal.like(n, name=f"f1_n{lane}")
+            m.d.sync += f1_n.eq(n)
+
+            # stage F1: out = sat(rshift_round(acc * recip, recip_frac + n - recip_bits +
+            # out_shift))
+            shift0 = self._recip_frac - rb + self._out_shift
+            shift = Signal(range(shift0 + r["z"].width + 1), name=f"out_shift{lane}")
+            m.d.comb += shift.eq(shift0 + f1_n)
+            with m.If(f1_valid):
+                with m.Switch(f1_g):
+                    for grp in range(G):
+                        head = grp * H + lane
+                        with m.Case(grp):
+                            m.d.sync += [
+                                out[head * hs + d].eq(saturate(
+                                    rshift_round_var(f_acc[d] * recip_rd.data, shift),
+                                    self._out_bits))
+                                for d in range(hs)]
+        return m

@@ -1,0 +1,438 @@
+"""The per-layer matrix-vector unit: ``requantize(matvec(W, x), mult, shift, out_bits)``.
+
+FINN-style folding: ``pe`` output rows are computed in parallel, each consuming ``simd`` input
+elements per cycle, so one input vector takes ``(rows/pe) * (cols/simd)`` steps. The weights
+are either a block-RAM ROM (``form="rom"``) or constant logic (``form="const"``, "etched").
+"""
+
+import operator
+
+import numpy as np
+from amaranth.hdl import Cat, Module, Signal, signed, unsigned
+from amaranth.lib import stream, wiring
+from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from .arith import bits_for, rshift_round, saturate, vector_layout
+
+__all__ = ["MatVecUnit"]
+
+#: Requantizer multipliers are unsigned and below this bound (one 18x18 multiplier operand).
+MULT_LIMIT = 1 << 17
+FORMS = ("rom", "const")
+
+
+def _int_array(name, value, ndim):
+    a = np.asarray(value)
+    if a.ndim != ndim:
+        what = "a 2-D (rows, cols)" if ndim == 2 else "a 1-D (rows,)"
+        raise ValueError(f"{name} must be {what} array, not shape {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, not {a.dtype}")
+    return a.astype(np.int64)
+
+
+def _tree_sum(values):
+    """Balanced adder tree (Amaranth widens each sum by one bit, so nothing overflows)."""
+    values = list(values)
+    while len(values) > 1:
+        values = [values[i] + values[i + 1] if i + 1 < len(values) else values[i]
+                  for i in range(0, len(values), 2)]
+    return values[0]
+
+
+class MatVecUnit(wiring.Component):
+    """Folded integer matrix-vector product with per-row requantization.
+
+    Computes, bit for bit, ``numerics.requantize(numerics.matvec(weights, x), mult, shift,
+    out_bits)`` for each whole input vector ``x``, and emits the result in ``rows/pe`` chunks of
+    ``pe`` elements, row group 0 first (element ``j`` of chunk ``g`` is row ``g*pe + j``).
+
+    The unit walks ``steps = (rows/pe) * (cols/simd)`` steps per vector, row group by row group,
+    ``cols/simd`` column steps each; a step multiplies ``pe x simd`` weights by ``simd`` input
+    elements (``mac_units`` multipliers). The input vector is held in a register that rotates
+    by ``simd`` elements per step, so the column slice is always its low elements (no wide
+    multiplexer). Pipeline, one register stage each: weight fetch (``form="rom"`` only: the
+    ROM's synchronous read port), multiply, lane adder tree, accumulate, requantizer multiply;
+    the rounding shift and saturation feed the output register.
+
+    ``form="rom"``: the weights live in a ``Memory`` of depth ``steps`` and width
+    ``pe*simd*weight_bits`` (one word per step, lane ``p``/element ``s`` at bits
+    ``(p*simd + s)*weight_bits``), read synchronously, so Yosys maps it to ``DP16KD`` block RAM;
+    the multipliers are a ``Memory`` of ``rows/pe`` words (constants when there is one group).
+    ``form="const"`` ("etched"): each lane's weight is a constant selected by the step counter
+    (a LUT ROM) and fed straight to the multiplier, one stage shorter than the ROM read; when
+    there is a single step (``pe == rows`` and ``simd == cols``) each product and requantizer
+    multiply is by a literal constant, which Yosys reduces to shift-adds.
+
+    Flow control never stalls the pipeline: a row group is only started (its last column step
+    issued) when the output buffer (the output register plus a small FIFO, ``buffer_depth``
+    entries in all) has room for its result, counting results in flight. ``i.ready`` depends
+    on registers only (not combinationally on ``o.ready``), which lets these units be chained
+    in a loop. With ``o.ready`` held high the buffer never fills and the cycle formulas hold.
+
+    The accumulator is ``acc_width`` bits: the smallest signed width that holds the worst case
+    ``cols * max|w| * 2**(in_bits-1)`` (``acc_bits`` is the limit it must fit).
+
+    Parameters
+    ----------
+    weights : numpy integer array, shape (rows, cols)
+        Weight matrix, each ``|w| <= 2**(weight_bits-1) - 1``.
+    weight_bits : int
+        Weight width, 3 to 8.
+    in_bits : int
+        Input element width (signed).
+    mult : numpy integer array, shape (rows,)
+        Per-row requantizer multipliers, ``0 <= m < 2**17``.
+    shift : int
+        Requantizer rounding right shift (``>= 0``).
+    out_bits : int
+        Output element width (signed, saturated).
+    pe : int
+        Output rows computed in parallel; must divide ``rows``.
+    simd : int
+        Input elements consumed per cycle and row; must divide ``cols``.
+    acc_bits : int
+        Accumulator width limit: the worst case must fit in it.
+    form : ``"rom"`` or ``"const"``
+        Where the weights live (see above).
+
+    Members
+    -------
+    i : ``In(stream.Signature(vector_layout(in_bits, cols)))``
+        Whole input vectors.
+    o : ``Out(stream.Signature(vector_layout(out_bits, pe)))``
+        Output chunks, ``rows/pe`` per input vector, row group 0 first.
+    """
+
+    def __init__(self, *, weights, weight_bits, in_bits=8, mult, shift, out_bits, pe, simd,
+                 acc_bits=32, form="rom"):
+        if form not in FORMS:
+            raise ValueError(f"form must be 'rom' or 'const', not {form!r}")
+        weight_bits, in_bits, out_bits = map(operator.index, (weight_bits, in_bits, out_bits))
+        pe, simd, acc_bits, shift = map(operator.index, (pe, simd, acc_bits, shift))
+        w = _int_array("weights", weights, 2)
+        rows, cols = w.shape
+        if rows < 1 or cols < 1:
+            raise ValueError(f"weights must have at least one row and column, not shape "
+                             f"{w.shape}")
+        if not 3 <= weight_bits <= 8:
+            raise ValueError(f"weight_bits must be between 3 and 8, not {weight_bits}")
+        if in_bits < 2:
+            raise ValueError(f"in_bits must be at least 2 for signed inputs, not {in_bits}")
+        if out_bits < 2:
+            raise ValueError(f"out_bits must be at least 2 for signed outputs, not {out_bits}")
+        wmax = (1 << (weight_bits - 1)) - 1
+        bad = np.argwhere(np.abs(w) > wmax)
+        if bad.size:
+            r, c = map(int, bad[0])
+            raise ValueError(f"weights must lie within +-{wmax} for weight_bits={weight_bits}: "
+                             f"found {int(w[r, c])} at ({r}, {c})")
+        mult = _int_array("mult", mult, 1)
+        if mult.shape != (rows,):
+            raise ValueError(f"mult must have shape ({rows},) (one per row), not {mult.shape}")
+        bad = np.flatnonzero((mult < 0) | (mult >= MULT_LIMIT))
+        if bad.size:
+            raise ValueError(f"mult must lie in [0, 2**17): found {int(mult[bad[0]])} at row "
+                             f"{int(bad[0])}")
+        if shift < 0:
+            raise ValueError(f"shift must be non-negative, not {shift}")
+        if pe < 1 or rows % pe:
+            raise ValueError(f"pe ({pe}) must divide rows ({rows})")
+        if simd < 1 or cols % simd:
+            raise ValueError(f"simd ({simd}) must divide cols ({cols})")
+        worst = cols * int(np.abs(w).max()) << (in_bits - 1)
+        acc_width = bits_for(-worst, worst)
+        if acc_width > acc_bits:
+            raise ValueError(f"accumulator of {acc_bits} bits overflows: worst case needs "
+                             f"{acc_width}")
+
+        self._weights = w
+        self._weights.flags.writeable = False
+        self._mult = mult
+        self._mult.flags.writeable = False
+        self._weight_bits, self._in_bits, self._out_bits = weight_bits, in_bits, out_bits
+        self._pe, self._simd, self._acc_bits, self._shift = pe, simd, acc_bits, shift
+        self._acc_width, self._form = acc_width, form
+        super().__init__({
+            "i": In(stream.Signature(vector_layout(in_bits, cols))),
+            "o": Out(stream.Signature(vector_layout(out_bits, pe))),
+        })
+
+    # -------------------------------------------------------------------------- parameters
+
+    @property
+    def weights(self):
+        return self._weights
+
+    @property
+    def mult(self):
+        return self._mult
+
+    @property
+    def rows(self):
+        return self._weights.shape[0]
+
+    @property
+    def cols(self):
+        return self._weights.shape[1]
+
+    @property
+    def weight_bits(self):
+        return self._weight_bits
+
+    @property
+    def in_bits(self):
+        return self._in_bits
+
+    @property
+    def out_bits(self):
+        return self._out_bits
+
+    @property
+    def shift(self):
+        return self._shift
+
+    @property
+    def pe(self):
+        return self._pe
+
+    @property
+    def simd(self):
+        return self._simd
+
+    @property
+    def acc_bits(self):
+        return self._acc_bits
+
+    @property
+    def acc_width(self):
+        """Width of the accumulator actually built (the worst case's signed width)."""
+        return self._acc_width
+
+    @property
+    def form(self):
+        return self._form
+
+    # ------------------------------------------------------------------------------ cycles
+
+    @property
+    def row_groups(self):
+        """Output chunks per input vector: ``rows / pe``."""
+        return self.rows // self._pe
+
+    @property
+    def col_steps(self):
+        """Steps per row group: ``cols / simd``."""
+        return self.cols // self._simd
+
+    @property
+    def steps(self):
+        """Steps (cycles of the multipliers) per input vector: ``(rows/pe) * (cols/simd)``."""
+        return self.row_groups * self.col_steps
+
+    @property
+    def mac_units(self):
+        """Multipliers in the datapath: ``pe * simd``."""
+        return self._pe * self._simd
+
+    @property
+    def pipeline_depth(self):
+        """Cycles from issuing a row group's last step to its chunk's ``o.valid``: 6 for
+        ``"rom"`` (fetch, multiply, tree, accumulate, requantize, output), 5 for ``"const"``."""
+        return 6 if self._form == "rom" else 5
+
+    @property
+    def buffer_depth(self):
+        """Output chunks the unit can hold: ``pipeline_depth // col_steps + 1``, enough that
+        it never waits for room while ``o.ready`` is high."""
+        return self.pipeline_depth // self.col_steps + 1
+
+    def latency(self):
+        """Cycles from the input transfer to the first cycle the first chunk's ``o.valid`` is
+        high (``o.ready`` held high): ``cols/simd + pipeline_depth``."""
+        return self.col_steps + self.pipeline_depth
+
+    def cycles_per_vector(self):
+        """Cycles from the input transfer to the transfer of the last chunk, with ``o.ready``
+        held high: ``steps + pipeline_depth``."""
+        return self.steps + self.pipeline_depth
+
+    def chunk_interval(self):
+        """Cycles between consecutive chunks with ``o.ready`` held high: ``cols/simd``."""
+        return self.col_steps
+
+    def initiation_interval(self):
+        """Cycles between input transfers when inputs are always valid and ``o`` always ready:
+        ``steps`` (the next vector is taken in the cycle the last step issues)."""
+        return self.steps
+
+    # ---------------------------------------------------------------------------- hardware
+
+    def _rom_words(self):
+        """Weight ROM contents: one word per step, lane ``p``/element ``s`` at
+        ``(p*simd + s)*weight_bits``."""
+        P, S, K, wb = self._pe, self._simd, self.col_steps, self._weight_bits
+        mask = (1 << wb) - 1
+        words = []
+        for g in range(self.row_groups):
+            for k in range(K):
+                block = self._weights[g * P:(g + 1) * P, k * S:(k + 1) * S]
+                word = 0
+                for n, v in enumerate(block.reshape(-1).tolist()):
+                    word |= (v & mask) << (n * wb)
+                words.append(word)
+        return words
+
+    def elaborate(self, platform):
+        m = Module()
+        P, S, G, K = self._pe, self._simd, self.row_groups, self.col_steps
+        wb, ib, ob = self._weight_bits, self._in_bits, self._out_bits
+        steps, rom = self.steps, self._form == "rom"
+        mult_bits = max(1, int(self._mult.max()).bit_length())
+        prod_w = wb + ib
+        sum_w = prod_w + (S - 1).bit_length()
+        acc_w = self._acc_width
+        req_w = acc_w + mult_bits
+
+        # ---- issue: step counters, rotating input register, output credits
+        busy = Signal()
+        step = Signal(range(steps))
+        k = Signal(range(K))
+        g = Signal(range(G))
+        x = Signal(self.cols * ib)
+        cap = self.buffer_depth
+        count = Signal(range(cap + 1))   # chunks issued (last step) and not yet taken from o
+        last_k = k == K - 1
+        room = count != cap
+        issue = Signal()
+        m.d.comb += [
+            issue.eq(busy & (~last_k | room)),
+            self.i.ready.eq(~busy | ((step == steps - 1) & room)),
+        ]
+        with m.If(issue):
+            m.d.sync += [
+                step.eq(step + 1),
+                k.eq(k + 1),
+                x.eq(x.rotate_right(S * ib)),
+            ]
+            with m.If(last_k):
+                m.d.sync += [k.eq(0), g.eq(g + 1)]
+                with m.If(g == G - 1):
+                    m.d.sync += g.eq(0)
+            with m.If(step == steps - 1):
+                m.d.sync += [step.eq(0), busy.eq(0)]
+        with m.If(self.i.valid & self.i.ready):
+            m.d.sync += [busy.eq(1), x.eq(self.i.payload.as_value())]
+        pop = self.o.valid & self.o.ready
+        m.d.sync += count.eq(count + (issue & last_k) - pop)
+        chunk = [x[s * ib:(s + 1) * ib].as_signed() for s in range(S)]
+
+        # ---- fetch (rom) / LUT (const): weights of this step for every lane
+        def stage(name, src):
+            """Register a (valid, first, last, group) tuple one stage further."""
+            valid = Signal(name=f"{name}_valid")
+            first = Signal(name=f"{name}_first")
+            last = Signal(name=f"{name}_last")
+            grp = Signal(range(G), name=f"{name}_group")
+            m.d.sync += [valid.eq(src[0]), first.eq(src[1]), last.eq(src[2]), grp.eq(src[3])]
+            return valid, first, last, grp
+
+        src = (issue, k == 0, last_k, g)
+        if rom:
+            m.submodules.weight_rom = weight_rom = Memory(
+                shape=unsigned(P * S * wb), depth=steps, init=self._rom_words())
+            rd = weight_rom.read_port(domain="sync")
+            m.d.comb += rd.addr.eq(step)
+            src = stage("fetch", src)
+            xs = [Signal(signed(ib), name=f"x_fetch{s}") for s in range(S)]
+            m.d.sync += [xs[s].eq(chunk[s]) for s in range(S)]
+            wl = [[rd.data[(p * S + s) * wb:(p * S + s + 1) * wb].as_signed() for s in range(S)]
+                  for p in range(P)]
+        elif steps == 1:
+            xs = chunk
+            wl = [[int(self._weights[p, s]) for s in range(S)] for p in range(P)]
+        else:
+            xs = chunk
+            wl = [[Signal(signed(wb), name=f"w{p}_{s}") for s in range(S)] for p in range(P)]
+            with m.Switch(step):
+                for st in range(steps):
+                    gg, kk = divmod(st, K)
+                    block = self._weights[gg * P:(gg + 1) * P, kk * S:(kk + 1) * S]
+                    with m.Case(st):
+                        m.d.comb += [wl[p][s].eq(int(block[p, s]))
+                                     for p in range(P) for s in range(S) if block[p, s]]
+
+        # ---- multiply
+        src = stage("mul", src)
+        prod = [[Signal(signed(prod_w), name=f"prod{p}_{s}") for s in range(S)]
+                for p in range(P)]
+        for p in range(P):
+            for s in range(S):
+                w_ps = wl[p][s]
+                if isinstance(w_ps, int) and w_ps == 0:
+                    m.d.sync += prod[p][s].eq(0)
+                else:
+                    m.d.sync += prod[p][s].eq(xs[s] * w_ps)
+
+        # ---- lane adder tree
+        src = stage("tree", src)
+        lane = [Signal(signed(sum_w), name=f"lane{p}") for p in range(P)]
+        m.d.sync += [lane[p].eq(_tree_sum(prod[p])) for p in range(P)]
+        t_valid, t_first, t_last, t_group = src
+
+        # ---- accumulate; the multipliers of the group are fetched alongside
+        acc = [Signal(signed(acc_w), name=f"acc{p}") for p in range(P)]
+        with m.If(t_valid):
+            for p in range(P):
+                with m.If(t_first):
+                    m.d.sync += acc[p].eq(lane[p])
+                with m.Else():
+                    m.d.sync += acc[p].eq(acc[p] + lane[p])
+        a_valid = Signal()
+        m.d.sync += a_valid.eq(t_valid & t_last)
+        if G == 1:
+            mults = [int(v) for v in self._mult]
+        elif rom:
+            words = [sum(int(v) << (p * mult_bits) for p, v in
+                         enumerate(self._mult[gg * P:(gg + 1) * P])) for gg in range(G)]
+            m.submodules.mult_rom = mult_rom = Memory(
+                shape=unsigned(P * mult_bits), depth=G, init=words)
+            mrd = mult_rom.read_port(domain="sync")
+            m.d.comb += mrd.addr.eq(t_group)
+            mults = [mrd.data[p * mult_bits:(p + 1) * mult_bits] for p in range(P)]
+        else:
+            mults = [Signal(unsigned(mult_bits), name=f"mult{p}") for p in range(P)]
+            with m.Switch(t_group):
+                for gg in range(G):
+                    with m.Case(gg):
+                        m.d.sync += [mults[p].eq(int(self._mult[gg * P + p]))
+                                     for p in range(P)]
+
+        # ---- requantizer multiply; rounding shift and saturation feed the output
+        q_valid = Signal()
+        m.d.sync += q_valid.eq(a_valid)
+        req = [Signal(signed(req_w + 1), name=f"req{p}") for p in range(P)]
+        m.d.sync += [req[p].eq(acc[p] * mults[p]) for p in range(P)]
+        res = Cat(*(saturate(rshift_round(req[p], self._shift), ob) for p in range(P)))
+
+        # ---- output register with a FIFO behind it; credits guarantee room
+        free = ~self.o.valid | self.o.ready
+        with m.If(free):
+            m.d.sync += self.o.valid.eq(0)
+        if cap > 1:
+            m.submodules.fifo = fifo = SyncFIFO(width=P * ob, depth=cap - 1)
+            bypass = free & ~fifo.r_rdy
+            m.d.comb += [
+                fifo.w_data.eq(res),
+                fifo.w_en.eq(q_valid & ~bypass),
+                fifo.r_en.eq(free),
+            ]
+            with m.If(free & fifo.r_rdy):
+                m.d.sync += [self.o.valid.eq(1), self.o.payload.eq(fifo.r_data)]
+        else:
+            bypass = free
+        with m.If(bypass & q_valid):
+            m.d.sync += [self.o.valid.eq(1), self.o.payload.eq(res)]
+        return m

@@ -1,0 +1,197 @@
+"""SwiGLU of the gate and up projections with a SiLU table (``numerics.swiglu``)."""
+
+import operator
+
+import numpy as np
+from amaranth.hdl import Cat, Module, Signal, signed
+from amaranth.lib import memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .arith import bits_for, rshift_round, saturate, signed_range, vector_layout
+
+__all__ = ["SwiGLU"]
+
+# Multiplier operands are at most 18 bits on one side (one ECP5 MULT18X18D).
+_OPERAND_BITS = 18
+# The golden model computes in numpy int64.
+_GOLDEN_BITS = 63
+
+
+class SwiGLU(wiring.Component):
+    """``o = sat(rshift_round(silu_table[gate + silu_offset] * up * mult, shift), out_bits)``.
+
+    Both input vectors are held in registers that shift by ``lanes`` elements per cycle.
+    The part of the SiLU table a ``in_bits``-bit gate can reach (``2**in_bits`` entries) is a
+    ``Memory`` with one synchronous read port per lane; its address is the gate with the sign
+    bit flipped. Pipeline: table read, ``silu * up``, ``* mult``, round + saturate into the
+    output register. One vector pair is in flight at a time; the next pair is taken in the
+    cycle the result is.
+
+    Parameters
+    ----------
+    n : int
+        Elements per vector (the hidden dimension).
+    in_bits : int
+        Width of the gate elements (the SiLU table index).
+    up_bits : int
+        Width of the up-projection elements.
+    silu_table : array of int
+        SiLU values; entry ``gate + silu_offset`` is used for each gate value.
+    silu_offset : int
+        Table index of gate value 0.
+    mult : int
+        Requantisation multiplier (an 18-bit signed operand).
+    shift : int
+        Rounding right shift of the requantisation.
+    out_bits : int
+        Width of the output elements.
+    lanes : int
+        Elements processed per cycle; must divide ``n``.
+
+    Members
+    -------
+    gate : ``In(stream.Signature(vector_layout(in_bits, n)))``
+        Gate projection (``w1 x``).
+    up : ``In(stream.Signature(vector_layout(up_bits, n)))``
+        Up projection (``w3 x``); transfers together with ``gate``.
+    o : ``Out(stream.Signature(vector_layout(out_bits, n)))``
+        Hidden activation.
+    """
+
+    def __init__(self, *, n, in_bits, up_bits, silu_table, silu_offset, mult, shift,
+                 out_bits=8, lanes=1):
+        n, in_bits, up_bits = map(operator.index, (n, in_bits, up_bits))
+        silu_offset, mult, shift = map(operator.index, (silu_offset, mult, shift))
+        out_bits, lanes = operator.index(out_bits), operator.index(lanes)
+        if n < 1:
+            raise ValueError(f"n must be at least 1, not {n}")
+        if lanes < 1 or n % lanes:
+            raise ValueError(f"lanes ({lanes}) must divide n ({n})")
+        for name, bits in (("in_bits", in_bits), ("up_bits", up_bits), ("out_bits", out_bits)):
+            if bits < 1:
+                raise ValueError(f"{name} must be at least 1, not {bits}")
+        table = np.asarray(silu_table)
+        if table.ndim != 1 or table.size == 0 or not np.issubdtype(table.dtype, np.integer):
+            raise ValueError(f"silu_table must be a non-empty 1-D integer array, not "
+                             f"{table.dtype} of shape {table.shape}")
+        g_lo, g_hi = signed_range(in_bits)
+        if silu_offset + g_lo < 0:
+            raise ValueError(f"silu_offset ({silu_offset}) is too small for {in_bits}-bit "
+                             f"gates: the table index reaches {silu_offset + g_lo}")
+        if silu_offset + g_hi >= table.size:
+            raise ValueError(f"silu_table of {table.size} entries is too small for {in_bits}-bit "
+                             f"gates with offset {silu_offset}: the index reaches "
+                             f"{silu_offset + g_hi}")
+        window = table[silu_offset + g_lo:silu_offset + g_hi + 1].astype(np.int64)
+        o_lo, o_hi = signed_range(_OPERAND_BITS)
+        if window.min() < o_lo or window.max() > o_hi:
+            raise ValueError(f"silu_table values must fit an {_OPERAND_BITS}-bit signed "
+                             f"multiplier operand [{o_lo}, {o_hi}], not "
+                             f"[{window.min()}, {window.max()}]")
+        if not o_lo <= mult <= o_hi:
+            raise ValueError(f"mult ({mult}) must fit an {_OPERAND_BITS}-bit signed multiplier "
+                             f"operand [{o_lo}, {o_hi}]")
+        if shift < 0:
+            raise ValueError(f"shift must be non-negative, not {shift}")
+        prod_max = int(np.abs(window).max()) * (1 << (up_bits - 1)) * abs(mult) + (1 << shift >> 1)
+        if prod_max.bit_length() > _GOLDEN_BITS:
+            raise ValueError(f"silu * up * mult needs {prod_max.bit_length() + 1} bits, more "
+                             f"than the golden model's {_GOLDEN_BITS + 1}")
+
+        self._n, self._in_bits, self._up_bits, self._out_bits = n, in_bits, up_bits, out_bits
+        self._silu_table, self._silu_offset = table.astype(np.int64), silu_offset
+        self._window = window
+        self._mult, self._shift, self._lanes = mult, shift, lanes
+        super().__init__({
+            "gate": In(stream.Signature(vector_layout(in_bits, n))),
+            "up": In(stream.Signature(vector_layout(up_bits, n))),
+            "o": Out(stream.Signature(vector_layout(out_bits, n))),
+        })
+
+    n = property(lambda self: self._n)
+    in_bits = property(lambda self: self._in_bits)
+    up_bits = property(lambda self: self._up_bits)
+    out_bits = property(lambda self: self._out_bits)
+    silu_table = property(lambda self: self._silu_table.copy())
+    silu_offset = property(lambda self: self._silu_offset)
+    mult = property(lambda self: self._mult)
+    shift = property(lambda self: self._shift)
+    lanes = property(lambda self: self._lanes)
+
+    def latency(self):
+        """Cycles from the input transfer to the first cycle ``o.valid`` is high:
+        ``n / lanes + 4`` (one chunk per cycle, then table read, two multiply stages and the
+        rounding stage)."""
+        return self._n // self._lanes + 4
+
+    def initiation_interval(self):
+        """Cycles between input transfers with the inputs always valid and ``o`` always ready
+        (the next pair is taken in the cycle the result is)."""
+        return self.latency()
+
+    def elaborate(self, platform):
+        m = Module()
+        n, lanes, in_bits, up_bits = self._n, self._lanes, self._in_bits, self._up_bits
+        chunks = n // lanes
+
+        s_bits = bits_for(int(self._window.min()), int(self._window.max()))
+        # entry j is the value for gate j - 2**(in_bits-1): the address is the gate with its
+        # sign bit flipped
+        m.submodules.silu_mem = silu_mem = memory.Memory(
+            shape=signed(s_bits), depth=1 << in_bits, init=self._window.tolist())
+        ports = [silu_mem.read_port() for _ in range(lanes)]
+
+        g = Signal(vector_layout(in_bits, n))
+        u = Signal(vector_layout(up_bits, n))
+        g_low = vector_layout(in_bits, lanes)(g.as_value()[:lanes * in_bits])
+        u_low = vector_layout(up_bits, lanes)(u.as_value()[:lanes * up_bits])
+        cnt = Signal(range(chunks))
+        issue, v1, v2, v3 = Signal(), Signal(), Signal(), Signal()
+        uk = Signal(vector_layout(up_bits, lanes))
+        p1 = [Signal(signed(s_bits + up_bits)) for _ in range(lanes)]
+        p2 = [Signal(signed(s_bits + up_bits + _OPERAND_BITS)) for _ in range(lanes)]
+
+        for k, port in enumerate(ports):
+            gk = g_low[k]
+            m.d.comb += [port.addr.eq(Cat(gk[:-1], ~gk[-1])), port.en.eq(issue)]
+        m.d.sync += [v1.eq(issue), v2.eq(v1), v3.eq(v2)]
+        with m.If(issue):
+            m.d.sync += [uk.eq(u_low),
+                         g.eq(g.as_value() >> (lanes * in_bits)),
+                         u.eq(u.as_value() >> (lanes * up_bits))]
+        with m.If(v1):
+            m.d.sync += [p1[k].eq(ports[k].data * uk[k]) for k in range(lanes)]
+        with m.If(v2):
+            m.d.sync += [p2[k].eq(p1[k] * self._mult) for k in range(lanes)]
+        with m.If(v3):
+            y = Cat(saturate(rshift_round(p2[k], self._shift), self._out_bits)
+                    for k in range(lanes))
+            o_bits = self.o.payload.as_value()
+            m.d.sync += o_bits.eq(Cat(o_bits[lanes * self._out_bits:], y))
+
+        both = self.gate.valid & self.up.valid
+        take = Signal()
+        m.d.comb += [self.gate.ready.eq(take), self.up.ready.eq(take)]
+        with m.If(take):
+            m.d.sync += [g.eq(self.gate.payload), u.eq(self.up.payload), cnt.eq(0)]
+
+        with m.FSM():
+            with m.State("IDLE"):
+                m.d.comb += take.eq(both)
+                with m.If(both):
+                    m.next = "RUN"
+            with m.State("RUN"):
+                m.d.comb += issue.eq(1)
+                m.d.sync += cnt.eq(cnt + 1)
+                with m.If(cnt == chunks - 1):
+                    m.next = "DRAIN"
+            with m.State("DRAIN"):
+                with m.If(v3 & ~v2):        # the last chunk is being written
+                    m.next = "OUT"
+            with m.State("OUT"):
+                m.d.comb += [self.o.valid.eq(1), take.eq(both & self.o.ready)]
+                with m.If(self.o.ready):
+                    m.next = "IDLE"
+                    with m.If(both):
+                        m.next = "RUN"
+        return m

@@ -1,0 +1,138 @@
+"""RoPE: random and stories260K vectors vs ``numerics.rope``, cycles, range errors, configs."""
+
+import gc
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from amaranth.hdl import Fragment, UnusedElaboratable
+
+from hardwire.compiler import numerics as nx
+from hardwire.hdl.rope import RoPE
+from hardwire.sim.cocotb_runner import run_cocotb
+
+from golden_vectors import rng, stories_qmodel, stories_trace
+
+TESTS = Path(__file__).resolve().parent
+BUILD_ROOT = TESTS.parent / "build" / "cocotb"
+
+
+def run(dut, pos, vecs, expect, *, valid_prob=1.0, ready_prob=1.0, expect_error=0,
+        expect_failure=False):
+    layout = dut.i.payload.shape()
+    inputs = [format(layout.const({"pos": int(p), "vec": [int(x) for x in v]})
+                     .as_value().value, "x") for p, v in zip(pos, vecs)]
+    vectors = dict(inputs=np.array(inputs), expect=np.asarray(expect).reshape(-1, dut.n),
+                   bits=dut.bits, valid_prob=valid_prob, ready_prob=ready_prob,
+                   latency=dut.latency(), interval=dut.initiation_interval(),
+                   expect_error=expect_error, quiet=4 * dut.latency())
+    return run_cocotb(component_or_verilog=dut, toplevel="rope", test_module="rope_bench",
+                      test_dir=TESTS / "benches", build_root=BUILD_ROOT, vectors=vectors,
+                      expect_failure=expect_failure, timeout_s=120)
+
+
+def random_case(seed, *, n, head_size, lanes, seq_len=12, bits=10, count=30):
+    """Random vectors at random positions, with full-scale pairs that saturate."""
+    r = rng(seed)
+    tables = nx.make_tables(head_size=head_size, seq_len=seq_len)
+    dut = RoPE(n=n, head_size=head_size, cos_table=tables.rope_cos,
+               sin_table=tables.rope_sin, frac=tables.config.rope_frac, bits=bits, lanes=lanes)
+    lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
+    pos = r.integers(0, seq_len, count)
+    pos[:2] = [seq_len - 1, 0]
+    vecs = r.integers(lo, hi, (count, n))
+    vecs[:3, 0::2], vecs[:3, 1::2] = hi - 1, lo      # |a cos - b sin| up to sqrt(2) * 2**(bits-1)
+    expect = np.array([nx.rope(v, p, tables, bits=bits) for p, v in zip(pos, vecs)])
+    assert (np.abs(expect) == hi - 1).any() or (expect == lo).any()   # saturation happens
+    return dut, pos, vecs, expect
+
+
+@pytest.mark.parametrize("n, head_size, lanes", [
+    (16, 8, 1),     # one pair per cycle
+    (24, 8, 6),     # lanes neither divide nor are a multiple of head_size/2: column muxes
+    (32, 4, 16),    # whole vector in one cycle
+])
+def test_random(n, head_size, lanes):
+    dut, pos, vecs, expect = random_case(n + lanes, n=n, head_size=head_size, lanes=lanes)
+    run(dut, pos, vecs, expect)
+
+
+def test_random_backpressure():
+    dut, pos, vecs, expect = random_case(5, n=24, head_size=8, lanes=6)
+    run(dut, pos, vecs, expect, valid_prob=0.5, ready_prob=0.4)
+
+
+def test_position_out_of_range():
+    """pos >= seq_len (12; the field also holds 12..15): no output, sticky error, and the
+    following inputs are still rotated."""
+    dut, pos, vecs, expect = random_case(6, n=24, head_size=8, lanes=6, count=12)
+    pos = np.concatenate([pos[:4], [12, 15], pos[4:]])
+    vecs = np.concatenate([vecs[:4], vecs[:2], vecs[4:]])
+    run(dut, pos, vecs, expect, expect_error=1, valid_prob=0.7, ready_prob=0.7)
+
+
+def stories_case(which, lanes):
+    qm = stories_qmodel()
+    c, tables = qm.config, qm.tables
+    n = c.dim if which == "q" else c.kv_dim
+    dut = RoPE(n=n, head_size=c.head_size, cos_table=tables.rope_cos,
+               sin_table=tables.rope_sin, frac=tables.config.rope_frac,
+               bits=qm.numerics.qkv_bits, lanes=lanes)
+    trace = stories_trace()
+    pos = np.array([t["pos"] for t in trace])
+    vecs = np.array([t[f"L0.{which}"] for t in trace])
+    expect = np.array([t[f"L0.{which}_rope"] for t in trace])
+    return dut, pos, vecs, expect
+
+
+@pytest.mark.parametrize("which, lanes", [("q", 4), ("k", 16)])
+def test_stories260k(which, lanes):
+    dut, pos, vecs, expect = stories_case(which, lanes)
+    assert (pos == np.arange(len(pos))).all() and (expect != vecs).any()
+    run(dut, pos, vecs, expect)
+
+
+def test_negative_control():
+    dut, pos, vecs, expect = stories_case("q", 4)
+    expect[5, 13] += 1
+    run(dut, pos, vecs, expect, expect_failure=True)
+
+
+@pytest.mark.parametrize("n, lanes, chunks", [(16, 1, 8), (24, 6, 2), (64, 32, 1)])
+def test_cycle_formulas(n, lanes, chunks):
+    """The formulas themselves; the benches measure them (test_random, test_stories260k)."""
+    tables = nx.make_tables(head_size=8, seq_len=4)
+    dut = RoPE(n=n, head_size=8, cos_table=tables.rope_cos, sin_table=tables.rope_sin,
+               lanes=lanes)
+    assert dut.chunks == chunks
+    assert dut.latency() == dut.initiation_interval() == chunks + 2
+    Fragment.get(dut, None)     # elaborates
+
+
+TABLES = nx.make_tables(head_size=8, seq_len=6)
+GOOD = dict(n=16, head_size=8, cos_table=TABLES.rope_cos, sin_table=TABLES.rope_sin)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(head_size=7), r"^head_size \(7\) must be even and at least 2: RoPE rotates pairs$"),
+    (dict(n=12), r"^n \(12\) must be a positive multiple of head_size \(8\)$"),
+    (dict(lanes=3), r"^lanes \(3\) must divide the number of pairs n/2 \(8\)$"),
+    (dict(cos_table=TABLES.rope_cos[:, :3]),
+     r"^cos_table has shape \(6, 3\); expected \(seq_len, head_size//2 = 4\)$"),
+    (dict(sin_table=TABLES.rope_sin[:5]),
+     r"^cos_table \(6, 4\) and sin_table \(5, 4\) must have the same shape$"),
+    (dict(cos_table=TABLES.rope_cos * 16, sin_table=TABLES.rope_sin * 16),
+     r"^rope table values \[-259520, 262144\] need 20 bits; a multiplier operand takes at "
+     r"most 18$"),
+    (dict(cos_table=TABLES.rope_cos.astype(float)), r"^cos_table must hold integers"),
+    (dict(bits=1), r"^bits must be at least 2 for signed elements, not 1$"),
+])
+def test_bad_config(kwargs, message):
+    with warnings.catch_warnings():
+        # the half-constructed component is dropped here, unused on purpose
+        warnings.simplefilter("ignore", UnusedElaboratable)
+        with pytest.raises(ValueError, match=message) as info:
+            RoPE(**{**GOOD, **kwargs})
+        del info
+        gc.collect()

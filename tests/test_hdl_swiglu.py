@@ -1,0 +1,131 @@
+"""SwiGLU: random and stories260K vectors vs ``numerics.swiglu``, cycles, config errors."""
+
+import gc
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from amaranth.hdl import UnusedElaboratable
+
+from hardwire.compiler import numerics as nx
+from hardwire.hdl.swiglu import SwiGLU
+from hardwire.sim.cocotb_runner import export_verilog, run_cocotb
+
+from golden_vectors import rng, stories_qmodel, stories_trace
+
+TESTS = Path(__file__).resolve().parent
+BUILD_ROOT = TESTS.parent / "build" / "cocotb"
+TOP = "swiglu"
+_verilog = {}
+
+
+def run(dut, gate, up, expect, *, valid_prob=1.0, ready_prob=1.0, expect_failure=False):
+    if id(dut) not in _verilog:                 # export each design once per session
+        _verilog[id(dut)] = (dut, export_verilog(dut, TOP))
+    vectors = dict(gate=gate, up=up, expect=expect, in_bits=dut.in_bits, up_bits=dut.up_bits,
+                   out_bits=dut.out_bits, valid_prob=valid_prob, ready_prob=ready_prob,
+                   latency=dut.latency(), interval=dut.initiation_interval())
+    return run_cocotb(component_or_verilog=_verilog[id(dut)][1], toplevel=TOP,
+                      test_module="swiglu_bench", test_dir=TESTS / "benches",
+                      build_root=BUILD_ROOT, vectors=vectors, expect_failure=expect_failure,
+                      timeout_s=120)
+
+
+def golden(dut, gate, up):
+    return np.array([nx.swiglu(g, u, silu_table=dut.silu_table, silu_offset=dut.silu_offset,
+                               mult=dut.mult, shift=dut.shift, out_bits=dut.out_bits)
+                     for g, u in zip(gate, up)])
+
+
+def random_case(seed, *, n, lanes, in_bits=6, up_bits=5, out_bits=7, pad=3, count=30):
+    """A random table larger than the gate range (``pad`` entries either side)."""
+    r = rng(seed)
+    table = r.integers(-(1 << 15), 1 << 15, (1 << in_bits) + 2 * pad)
+    table[pad], table[-pad - 1] = -(1 << 15), (1 << 15) - 1      # the gate's extremes
+    mult = int(r.integers(1 << 16, 1 << 17))
+    dut = SwiGLU(n=n, in_bits=in_bits, up_bits=up_bits, silu_table=table,
+                 silu_offset=(1 << (in_bits - 1)) + pad, mult=mult, shift=28,
+                 out_bits=out_bits, lanes=lanes)
+    g_lo, g_hi = nx.sat(np.array([-1 << 30, 1 << 30]), in_bits)
+    u_lo, u_hi = nx.sat(np.array([-1 << 30, 1 << 30]), up_bits)
+    gate = r.integers(g_lo, g_hi + 1, (count, n))
+    up = r.integers(u_lo, u_hi + 1, (count, n))
+    gate[0], up[0] = g_lo, u_lo                 # both table ends, both up extremes
+    gate[1], up[1] = g_hi, u_hi
+    return dut, gate, up, golden(dut, gate, up)
+
+
+@pytest.mark.parametrize("n, lanes", [(12, 4), (5, 1), (6, 6)])
+def test_random(n, lanes):
+    dut, gate, up, expect = random_case(n, n=n, lanes=lanes)
+    assert len(np.unique(expect)) > 30 and expect.min() == -64 and expect.max() == 63
+    run(dut, gate, up, expect)
+
+
+def test_random_backpressure():
+    dut, gate, up, expect = random_case(12, n=12, lanes=4, count=60)
+    run(dut, gate, up, expect, valid_prob=0.5, ready_prob=0.4)
+
+
+def stories_swiglu(layer, lanes):
+    qm = stories_qmodel()
+    L = qm.layers[layer]
+    nc = qm.numerics
+    dut = SwiGLU(n=qm.config.hidden_dim, in_bits=nc.silu_bits, up_bits=nc.act_bits,
+                 silu_table=L.silu_table, silu_offset=L.silu_offset, mult=L.hid_mult,
+                 shift=L.hid_shift, out_bits=nc.act_bits, lanes=lanes)
+    trace = stories_trace()
+    return (dut, *(np.array([t[f"L{layer}.{name}"] for t in trace])
+                   for name in ("h1", "h3", "hidden")))
+
+
+def test_stories260k():
+    dut, h1, h3, hidden = stories_swiglu(0, 4)
+    assert dut.latency() == 172 // 4 + 4
+    run(dut, h1, h3, hidden)
+    run(dut, h1, h3, hidden, valid_prob=0.7, ready_prob=0.6)
+
+
+def test_negative_control():
+    dut, h1, h3, hidden = stories_swiglu(0, 4)
+    hidden[7, 100] += 1
+    res = run(dut, h1, h3, hidden, expect_failure=True)
+    assert "vector 7: element 100" in res.tests[0].message
+
+
+def kwargs(**over):
+    base = dict(n=8, in_bits=10, up_bits=8, silu_table=np.ones(1024, dtype=np.int64),
+                silu_offset=512, mult=90000, shift=30, out_bits=8, lanes=2)
+    base.update(over)
+    return base
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(n=0), r"^n must be at least 1, not 0$"),
+    (dict(lanes=3), r"^lanes \(3\) must divide n \(8\)$"),
+    (dict(up_bits=0), r"^up_bits must be at least 1, not 0$"),
+    (dict(silu_table=np.ones((4, 256), dtype=np.int64)),
+     r"^silu_table must be a non-empty 1-D integer array, not int64 of shape \(4, 256\)$"),
+    (dict(silu_table=np.ones(256, dtype=np.int64), silu_offset=128),
+     r"^silu_table of 256 entries is too small for 10-bit gates with offset 128: the index "
+     r"reaches 639$"),
+    (dict(silu_offset=500), r"^silu_offset \(500\) is too small for 10-bit gates: the table "
+                            r"index reaches -12$"),
+    (dict(silu_table=np.full(1024, 1 << 17)),
+     r"^silu_table values must fit an 18-bit signed multiplier operand \[-131072, 131071\], "
+     r"not \[131072, 131072\]$"),
+    (dict(mult=1 << 17), r"^mult \(131072\) must fit an 18-bit signed multiplier operand "
+                         r"\[-131072, 131071\]$"),
+    (dict(shift=-2), r"^shift must be non-negative, not -2$"),
+    (dict(up_bits=40, silu_table=np.full(1024, 1 << 16), mult=(1 << 17) - 1, shift=0),
+     r"^silu \* up \* mult needs 73 bits, more than the golden model's 64$"),
+])
+def test_bad_config(over, message):
+    with warnings.catch_warnings():
+        # the half-constructed component is dropped here, unused on purpose
+        warnings.simplefilter("ignore", UnusedElaboratable)
+        with pytest.raises(ValueError, match=message) as info:
+            SwiGLU(**kwargs(**over))
+        del info
+        gc.collect()
