@@ -284,51 +284,40 @@ def default_calibration_tokens(model, n=160, starts=6, seed=0):
     return [s + generate_greedy(model, s, n) for s in seqs]
 
 
+# activation site -> trace names whose max |x| sets its range
+RANGE_SITES = {
+    "attn_norm": ("attn_norm",), "q": ("q", "q_rope"), "k": ("k", "k_rope"), "v": ("v",),
+    "ffn_norm": ("ffn_norm",), "h1": ("h1",), "h3": ("h3",), "hidden": ("hidden",),
+}
+# inputs of the matrices (Gram matrices for GPTQ)
+MATMUL_INPUTS = ("attn_norm", "att_out", "ffn_norm", "hidden")
+
+
 def calibrate(model, tokens):
     """Activation statistics over a token sequence, from the float reference."""
     from .reference import FloatModel
     fm = FloatModel(model)
     c = model.config
-    stats = {}
-    grams = {}
-
-    def gram(key, v):
-        v = np.asarray(v, dtype=np.float64)
-        grams[key] = grams.get(key, 0.0) + np.outer(v, v)
-
-    chan = {}
-
-    def upd(key, v):
-        m = float(np.max(np.abs(v)))
-        stats[key] = max(stats.get(key, 0.0), m)
-
-    def upd_ch(key, v):
-        a = np.abs(np.asarray(v, dtype=np.float64))
-        chan[key] = np.maximum(chan[key], a) if key in chan else a
-
+    rows = {}
     for pos, tok in enumerate(tokens[: c.seq_len]):
         tr = {}
         fm.step(tok, pos, trace=tr)
-        for i in range(c.n_layers):
-            for site in ("attn_in", "ffn_in", "out"):
-                upd("resid", tr[f"L{i}.{site}"])
-            upd(f"L{i}.attn_norm", tr[f"L{i}.attn_norm"])
-            upd(f"L{i}.q", tr[f"L{i}.q"]), upd(f"L{i}.q", tr[f"L{i}.q_rope"])
-            upd(f"L{i}.k", tr[f"L{i}.k"]), upd(f"L{i}.k", tr[f"L{i}.k_rope"])
-            upd(f"L{i}.v", tr[f"L{i}.v"])
-            upd(f"L{i}.ffn_norm", tr[f"L{i}.ffn_norm"])
-            upd(f"L{i}.h1", tr[f"L{i}.h1"])
-            upd(f"L{i}.h3", tr[f"L{i}.h3"])
-            upd(f"L{i}.hidden", tr[f"L{i}.hidden"])
-        upd("final_norm", tr["final_norm"])
-        for i in range(c.n_layers):
-            for site in ("attn_norm", "att_out", "ffn_norm", "hidden"):
-                gram(f"L{i}.{site}", tr[f"L{i}.{site}"])
-                upd_ch(f"L{i}.{site}", tr[f"L{i}.{site}"])
-        gram("final_norm", tr["final_norm"])
-        upd_ch("final_norm", tr["final_norm"])
+        for k, v in tr.items():
+            rows.setdefault(k, []).append(np.asarray(v, dtype=np.float64))
+    x = {k: np.stack(v) for k, v in rows.items()}
+    amax = {k: float(np.abs(v).max()) for k, v in x.items()}
+    stats = {"resid": max(amax[f"L{i}.{s}"] for i in range(c.n_layers)
+                          for s in ("attn_in", "ffn_in", "out")),
+             "final_norm": amax["final_norm"]}
+    grams = {"final_norm": x["final_norm"].T @ x["final_norm"]}
+    for i in range(c.n_layers):
+        for site, names in RANGE_SITES.items():
+            stats[f"L{i}.{site}"] = max(amax[f"L{i}.{n}"] for n in names)
+        for site in MATMUL_INPUTS:
+            v = x[f"L{i}.{site}"]
+            grams[f"L{i}.{site}"] = v.T @ v
     stats = {k: (v if v > 0 else 1.0) for k, v in stats.items()}
-    return Calibration(stats, grams, chan)
+    return Calibration(stats, grams)
 
 
 @dataclass
@@ -337,7 +326,6 @@ class Calibration:
 
     stats: dict
     grams: dict
-    channel_max: dict = field(default_factory=dict)   # per-channel max |x| of matmul inputs
 
     def merge(self, other):
         """Combine with the calibration of another token sequence."""
@@ -345,9 +333,6 @@ class Calibration:
             self.stats[k] = max(self.stats.get(k, 0.0), v)
         for k, v in other.grams.items():
             self.grams[k] = self.grams[k] + v if k in self.grams else v
-        for k, v in other.channel_max.items():
-            self.channel_max[k] = (np.maximum(self.channel_max[k], v) if k in self.channel_max
-                                   else v)
         return self
 
 

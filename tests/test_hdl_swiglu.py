@@ -107,9 +107,9 @@ def kwargs(**over):
     (dict(up_bits=0), r"^up_bits must be at least 1, not 0$"),
     (dict(silu_table=np.ones((4, 256), dtype=np.int64)),
      r"^silu_table must be a non-empty 1-D integer array, not int64 of shape \(4, 256\)$"),
-    (dict(silu_table=np.ones(256, dtype=np.int64), silu_offset=128),
-     r"^silu_table of 256 entries is too small for 10-bit gates with offset 128: the index "
-     r"reaches 639$"),
+    (dict(silu_table=np.ones(256, dtype=np.int64)),
+     r"^silu_table of 256 entries is too small for 10-bit gates with offset 512: the index "
+     r"reaches 1023$"),
     (dict(silu_offset=500), r"^silu_offset \(500\) is too small for 10-bit gates: the table "
                             r"index reaches -12$"),
     (dict(silu_table=np.full(1024, 1 << 17)),
