@@ -51,6 +51,7 @@ test: $(STAMP) models
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
+	@$(MAKE) --no-print-directory models || echo "(model download failed: the demo falls back to a random tiny model)"
 	$(BIN)/python -m hardwire.demo --models $(HARDWIRE_MODELS)
 
 bench: $(STAMP) models

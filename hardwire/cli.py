@@ -79,7 +79,32 @@ def _build_parser():
     p.add_argument("-n", type=_positive_int, default=128,
                    help="tokens generated per report prompt (128)")
 
+    p = sub.add_parser("compile", help="emit the chip: Verilog, RTLIL and report.json")
+    _add_model_args(p)
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--wbits", default="8", help="weight widths (8, 4, 3/6, '4,embed=8')")
+    p.add_argument("--fold", default=None,
+                   help="folding, e.g. 'pe=4,simd=8' or 'wq=8x8,w2=4x4,attn=2' (default: "
+                        "planned)")
+    p.add_argument("--target-cycles", type=_positive_int, default=None,
+                   help="planner: aim for this many cycles per matrix")
+    p.add_argument("--mac-budget", type=_positive_int, default=None,
+                   help="planner: at most this many multipliers in all")
+    p.add_argument("--json", action="store_true", help="print report.json to stdout")
+
     return ap
+
+
+def _cmd_compile(args):
+    from hardwire.compiler.emit import compile_model, format_report
+    rep = compile_model(args.model, args.out, wbits=args.wbits, seq_len=args.seq_len,
+                        fold=args.fold, target_cycles=args.target_cycles,
+                        mac_budget=args.mac_budget, progress=None if args.json else sys.stderr)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print(format_report(rep))
+        print("wrote " + ", ".join(rep["files"]) + f" in {rep['seconds']:.1f} s")
 
 
 def _cmd_inspect(args):
@@ -117,7 +142,8 @@ def _cmd_quantize(args):
     print(json.dumps(rep, indent=2) if args.json else api.format_quality(rep))
 
 
-COMMANDS = {"inspect": _cmd_inspect, "run": _cmd_run, "quantize": _cmd_quantize}
+COMMANDS = {"inspect": _cmd_inspect, "run": _cmd_run, "quantize": _cmd_quantize,
+            "compile": _cmd_compile}
 
 
 def main(argv=None):

@@ -8,7 +8,7 @@ from amaranth.hdl import Const, Mux, Shape, signed, unsigned, Value
 from amaranth.lib import data
 
 __all__ = ["rshift_round", "rshift_round_var", "saturate", "signed_range", "bits_for",
-           "vector_layout"]
+           "vector_layout", "pos_shape"]
 
 
 def signed_range(bits):
@@ -51,3 +51,9 @@ def saturate(v, bits):
 def vector_layout(bits, length, *, is_signed=True):
     """Payload layout of a whole vector: element 0 in the least significant bits."""
     return data.ArrayLayout(signed(bits) if is_signed else unsigned(bits), length)
+
+
+def pos_shape(n_pos):
+    """Shape of a ``pos`` field for a context of ``n_pos`` positions: it holds ``0..n_pos``,
+    so a position counter that reached the end of the context is seen, not wrapped to 0."""
+    return Shape.cast(range(max(2, n_pos + 1)))

@@ -3,13 +3,12 @@
 import operator
 
 import numpy as np
-from amaranth.hdl import Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, rshift_round, rshift_round_var, saturate, vector_layout
+from .arith import bits_for, pos_shape, rshift_round, rshift_round_var, saturate, vector_layout
 from .kvcache import KVCache
-from .rope import pos_shape
 
 __all__ = ["Attention"]
 
@@ -36,7 +35,7 @@ def _exp_clamp(exp_mult, exp_shift, exp_len):
     """Smallest score gap ``d`` with ``rshift_round(d * exp_mult, exp_shift) >= exp_len - 1``.
 
     Every larger gap indexes the last table entry too, so gaps are clamped to it before the
-    multiplication: the same index, and a narrow multiplier operand. ``None``: no clamp.
+    multiplication: the same index, and a narrow multiplier operand.
     """
     if exp_mult == 0:
         return 0
@@ -97,14 +96,16 @@ class Attention(wiring.Component):
 
     Members
     -------
-    i : ``In(stream.Signature(StructLayout({"pos": pos_shape(n_pos), "q": vector_layout(bits, dim), "k": vector_layout(bits, kv_dim), "v": vector_layout(bits, kv_dim)})))``
-        Position and the rotated query, rotated key and value of that position
-        (``dim = n_heads * head_size``, ``kv_dim = n_kv_heads * head_size``).
+    i : ``In(stream.Signature(StructLayout({"pos": ..., "q": ..., "k": ..., "v": ...})))``
+        ``pos`` of ``pos_shape(n_pos)`` (holds ``0..n_pos``); the rotated query ``q`` of
+        ``vector_layout(bits, dim)``, the rotated key ``k`` and the value ``v`` of
+        ``vector_layout(bits, kv_dim)`` (``dim = n_heads * head_size``, ``kv_dim =
+        n_kv_heads * head_size``).
     o : ``Out(stream.Signature(vector_layout(out_bits, dim)))``
         Heads' outputs, concatenated (head 0 in the LSBs).
     error : ``Out(1)``
         Sticky: an input had ``pos >= n_pos``.
-    """  # noqa: E501
+    """
 
     def __init__(self, *, n_heads, n_kv_heads, head_size, n_pos, exp_table, exp_mult, exp_shift,
                  recip_table, recip_bits, recip_frac, exp_len, bits=8, out_bits=None,
@@ -148,10 +149,9 @@ class Attention(wiring.Component):
             raise ValueError(f"exp_table[0] ({int(exp_table[0])}) is below 2**{recip_bits - 1}:"
                              f" the softmax sum would have fewer than recip_bits ({recip_bits}) "
                              "mantissa bits")
-        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        # |acc * recip| <= n_pos * max(exp) * 2**(bits-1) * max(recip): the product's width
         z_max = n_pos * int(exp_table.max())
-        # |acc * recip| <= z_max * 2**(bits-1) * max(recip): signed width of the product
-        need = (z_max * -lo * int(recip_table.max())).bit_length() + 1
+        need = (z_max * int(recip_table.max()) << (bits - 1)).bit_length() + 1
         if need > 64:
             raise ValueError(f"acc * recip needs {need} bits, more than the golden model's 64")
         self._n_heads, self._n_kv_heads, self._head_size, self._n_pos = \
@@ -209,9 +209,10 @@ class Attention(wiring.Component):
         return self._n_heads // self._head_lanes
 
     def latency(self, pos):
-        """Cycles from the input transfer at ``pos`` to the first cycle ``o.valid`` is high:
-        one cycle to write the cache, two sweeps of ``pos + 1`` rows per head group, then the
-        pipeline (cache read, scores, exp ROM, accumulate, reciprocal ROM, output) of 6."""
+        """Cycles from the input transfer at ``pos`` to the first cycle ``o.valid`` is high
+        (``o`` ready: the cycles to the output transfer): the input register and the cache
+        write (2), two sweeps of ``pos + 1`` rows per head group, then five registers (row
+        read, score, exp ROM read, accumulator, reciprocal ROM read) and the output."""
         if not 0 <= pos < self._n_pos:
             raise ValueError(f"pos ({pos}) must lie in [0, n_pos = {self._n_pos})")
         return 2 * self.head_groups * (pos + 1) + 7
@@ -242,7 +243,9 @@ class Attention(wiring.Component):
 
         m.submodules.cache = cache = KVCache(n_pos=self._n_pos, kv_dim=self.kv_dim, bits=b)
         kv_w = stream.Signature(cache.w.payload.shape()).create()
+        kv_r = cache.read.signature.flip().create()
         wiring.connect(m, kv_w, cache.w)
+        wiring.connect(m, kv_r, cache.read)
 
         m.submodules.exp_rom = exp_rom = memory.Memory(
             shape=r["e"], depth=self._exp_len, init=[int(x) for x in self._exp_table])
@@ -265,7 +268,7 @@ class Attention(wiring.Component):
         second = Signal()                           # pass 2
         g = Signal(range(G))
         issue = Signal()
-        m.d.comb += [cache.read.addr.eq(t), cache.read.en.eq(issue)]
+        m.d.comb += [kv_r.addr.eq(t), kv_r.en.eq(issue)]
 
         # pipeline stage registers: A (rows arrive), B (scores), C (exp ROM data)
         def beat(name):
@@ -330,8 +333,8 @@ class Attention(wiring.Component):
                     head = grp * H + lane
                     with m.Case(grp):
                         m.d.comb += [q_h.eq(head_slice(q, head)),
-                                     k_h.eq(head_slice(cache.read.k, head // group_size)),
-                                     v_h.eq(head_slice(cache.read.v, head // group_size))]
+                                     k_h.eq(head_slice(kv_r.k, head // group_size)),
+                                     v_h.eq(head_slice(kv_r.v, head // group_size))]
             score = Signal(r["score"], name=f"score{lane}")
             m.d.comb += score.eq(sum(q_h[d] * k_h[d] for d in range(hs)))
             b_s = Signal(r["score"], name=f"b_score{lane}")
@@ -370,9 +373,9 @@ class Attention(wiring.Component):
 
             # stage F0: bit length n of Z, reciprocal of its leading recip_bits bits
             n = Signal(range(r["z"].width + 1), name=f"n{lane}")
-            for k in range(r["z"].width):
-                with m.If(f_z[k]):
-                    m.d.comb += n.eq(k + 1)
+            for bit in range(r["z"].width):
+                with m.If(f_z[bit]):
+                    m.d.comb += n.eq(bit + 1)
             recip_rd = recip_rom.read_port()
             mant = f_z >> (n - rb)[:len(n)]
             m.d.comb += recip_rd.en.eq(1)

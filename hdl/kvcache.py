@@ -6,8 +6,7 @@ from amaranth.hdl import Module, Shape
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import vector_layout
-from .rope import pos_shape
+from .arith import pos_shape, vector_layout
 
 __all__ = ["KVCache", "KVReadSignature"]
 
@@ -67,8 +66,9 @@ class KVCache(wiring.Component):
 
     Members
     -------
-    w : ``In(stream.Signature(StructLayout({"pos": pos_shape(n_pos), "k": row, "v": row})))``
-        Rows to store; ``row = vector_layout(bits, kv_dim)``.
+    w : ``In(stream.Signature(StructLayout({"pos": ..., "k": ..., "v": ...})))``
+        Rows to store: ``pos`` of ``pos_shape(n_pos)`` (holds ``0..n_pos``), ``k`` and ``v``
+        of ``vector_layout(bits, kv_dim)``.
     read : ``Out(KVReadSignature(n_pos=n_pos, kv_dim=kv_dim, bits=bits))``
         Synchronous read port of both memories.
     error : ``Out(1)``

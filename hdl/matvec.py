@@ -42,6 +42,32 @@ def _tree_sum(values):
     return values[0]
 
 
+def _csd(c):
+    """Canonical signed digits of ``c``: ``[(shift, +-1), ...]`` with ``c = sum(d << shift)``
+    and no two adjacent digits non-zero (the fewest adders for a constant multiply)."""
+    digits, i = [], 0
+    while c:
+        if c & 1:
+            d = 2 - (c & 3)
+            digits.append((i, d))
+            c -= d
+        c >>= 1
+        i += 1
+    return digits
+
+
+def _const_mul(x, c):
+    """``x * c`` for a constant ``c`` as explicit shift-adds (LUTs and carry chains, no DSP)."""
+    digits = _csd(c)
+    pos = [x << i for i, d in digits if d > 0]
+    neg = [x << i for i, d in digits if d < 0]
+    if not neg:
+        return _tree_sum(pos)
+    if not pos:
+        return -_tree_sum(neg)
+    return _tree_sum(pos) - _tree_sum(neg)
+
+
 class MatVecUnit(wiring.Component):
     """Folded integer matrix-vector product with per-row requantization.
 
@@ -63,8 +89,10 @@ class MatVecUnit(wiring.Component):
     the multipliers are a ``Memory`` of ``rows/pe`` words (constants when there is one group).
     ``form="const"`` ("etched"): each lane's weight is a constant selected by the step counter
     (a LUT ROM) and fed straight to the multiplier, one stage shorter than the ROM read; when
-    there is a single step (``pe == rows`` and ``simd == cols``) each product and requantizer
-    multiply is by a literal constant, which Yosys reduces to shift-adds.
+    there is a single step (``pe == rows`` and ``simd == cols``) each product is by a literal
+    constant, built as canonical-signed-digit shift-adds (LUTs and carry chains, no DSP; Yosys
+    would otherwise put constant products on ``MULT18X18D``), and the requantizer multipliers
+    are literal constants too.
 
     Flow control never stalls the pipeline: a row group is only started (its last column step
     issued) when the output buffer (the output register plus a small FIFO, ``buffer_depth``
@@ -329,7 +357,6 @@ class MatVecUnit(wiring.Component):
         m.d.sync += count.eq(count + (issue & last_k) - pop)
         chunk = [x[s * ib:(s + 1) * ib].as_signed() for s in range(S)]
 
-        # ---- fetch (rom) / LUT (const): weights of this step for every lane
         def stage(name, src):
             """Register a (valid, first, last, group) tuple one stage further."""
             valid = Signal(name=f"{name}_valid")
@@ -339,6 +366,7 @@ class MatVecUnit(wiring.Component):
             m.d.sync += [valid.eq(src[0]), first.eq(src[1]), last.eq(src[2]), grp.eq(src[3])]
             return valid, first, last, grp
 
+        # ---- fetch (rom) / LUT (const): weights of this step for every lane
         src = (issue, k == 0, last_k, g)
         if rom:
             m.submodules.weight_rom = weight_rom = Memory(
@@ -371,8 +399,9 @@ class MatVecUnit(wiring.Component):
         for p in range(P):
             for s in range(S):
                 w_ps = wl[p][s]
-                if isinstance(w_ps, int) and w_ps == 0:
-                    m.d.sync += prod[p][s].eq(0)
+                if isinstance(w_ps, int):
+                    if w_ps:
+                        m.d.sync += prod[p][s].eq(_const_mul(xs[s], w_ps))
                 else:
                     m.d.sync += prod[p][s].eq(xs[s] * w_ps)
 

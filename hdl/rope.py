@@ -4,32 +4,23 @@ import math
 import operator
 
 import numpy as np
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, rshift_round, saturate, vector_layout
+from .arith import bits_for, pos_shape, rshift_round, saturate, vector_layout
 
-__all__ = ["RoPE", "pos_shape"]
+__all__ = ["RoPE"]
 
 #: Widest multiplier operand of the target (ECP5 ``MULT18X18D``).
 _MUL_BITS = 18
 
 
-def pos_shape(n_pos):
-    """Shape of a ``pos`` field for a context of ``n_pos`` positions.
-
-    It holds ``0..n_pos`` inclusive, so a position counter that has reached the end of the
-    context (``pos == n_pos``) is representable and detected instead of wrapping to 0.
-    """
-    return unsigned(max(1, int(n_pos).bit_length()))
-
-
-def _table(name, table, shape):
+def _table(name, table, columns):
     table = np.asarray(table)
-    if table.ndim != 2 or table.shape[0] < 1 or tuple(table.shape[1:]) != shape[1:]:
+    if table.ndim != 2 or table.shape[0] < 1 or table.shape[1] != columns:
         raise ValueError(f"{name} has shape {table.shape}; expected (seq_len, head_size//2 = "
-                         f"{shape[1]})")
+                         f"{columns})")
     if not np.issubdtype(table.dtype, np.integer):
         raise ValueError(f"{name} must hold integers, not {table.dtype}")
     return table.astype(np.int64)
@@ -45,8 +36,8 @@ class RoPE(wiring.Component):
     datapath ``lanes`` pairs at a time and returned whole.
 
     The tables live in one ROM (synchronous read, block RAM) whose word holds ``w`` columns
-    of both tables: ``w = lanes`` when ``lanes`` divides ``head_size//2`` (word address
-    ``pos * (head_size//2) // lanes + chunk``), else the whole row (``w = head_size//2``,
+    of both tables: ``w = lanes`` when ``lanes`` divides ``hs2 = head_size//2`` (word address
+    ``pos * (hs2 // lanes) + chunk % (hs2 // lanes)``), else the whole row (``w = hs2``,
     address ``pos``), from which each lane selects its column.
 
     An input with ``pos >= seq_len`` is consumed without output and sets the sticky ``error``.
@@ -68,13 +59,14 @@ class RoPE(wiring.Component):
 
     Members
     -------
-    i : ``In(stream.Signature(StructLayout({"pos": pos_shape(seq_len), "vec": vector_layout(bits, n)})))``
-        Position and vector to rotate.
+    i : ``In(stream.Signature(StructLayout({"pos": ..., "vec": ...})))``
+        ``pos``: position, ``pos_shape(seq_len)`` (holds ``0..seq_len``); ``vec``: the
+        vector to rotate, ``vector_layout(bits, n)``.
     o : ``Out(stream.Signature(vector_layout(bits, n)))``
         Rotated vector.
     error : ``Out(1)``
         Sticky: an input had ``pos >= seq_len``.
-    """  # noqa: E501
+    """
 
     def __init__(self, *, n, head_size, cos_table, sin_table, frac=14, bits=8, lanes=1):
         n, head_size = operator.index(n), operator.index(head_size)
@@ -91,8 +83,8 @@ class RoPE(wiring.Component):
         if frac < 0:
             raise ValueError(f"frac must be non-negative, not {frac}")
         hs2 = head_size // 2
-        cos_table = _table("cos_table", cos_table, (None, hs2))
-        sin_table = _table("sin_table", sin_table, (None, hs2))
+        cos_table = _table("cos_table", cos_table, hs2)
+        sin_table = _table("sin_table", sin_table, hs2)
         if cos_table.shape != sin_table.shape:
             raise ValueError(f"cos_table {cos_table.shape} and sin_table {sin_table.shape} "
                              "must have the same shape")
@@ -133,8 +125,9 @@ class RoPE(wiring.Component):
         return self._n // (2 * self._lanes)
 
     def latency(self):
-        """Cycles from the input transfer to the first cycle ``o.valid`` is high: one ROM read
-        ahead of ``chunks`` datapath cycles, then the output register."""
+        """Cycles from the input transfer to the first cycle ``o.valid`` is high (``o`` ready:
+        the cycles to the output transfer): the input register, ``chunks`` ROM reads, and
+        the output register behind the last one."""
         return self.chunks + 2
 
     def initiation_interval(self):
@@ -148,7 +141,8 @@ class RoPE(wiring.Component):
         w = lanes if hs2 % lanes == 0 else hs2
         phases = hs2 // math.gcd(lanes, hs2)   # the column pattern repeats every `phases` chunks
         word_of = [((ph * lanes) % hs2) // w for ph in range(phases)]
-        col_of = [[((ph * lanes + l) % hs2) % w for l in range(lanes)] for ph in range(phases)]
+        col_of = [[((ph * lanes + lane) % hs2) % w for lane in range(lanes)]
+                  for ph in range(phases)]
         return w, hs2 // w, word_of, col_of, phases
 
     def elaborate(self, platform):
@@ -205,9 +199,9 @@ class RoPE(wiring.Component):
                 m.d.sync += phase.eq(Mux(phase == phases - 1, 0, phase + 1))
 
         results = []
-        for l in range(lanes):
-            a, b = vec[2 * l], vec[2 * l + 1]
-            cols = [col_of[ph][l] for ph in range(phases)]
+        for lane in range(lanes):
+            a, b = vec[2 * lane], vec[2 * lane + 1]
+            cols = [col_of[ph][lane] for ph in range(phases)]
             if len(set(cols)) == 1:
                 c, s = rd.data.cos[cols[0]], rd.data.sin[cols[0]]
             else:

@@ -10,21 +10,26 @@ from amaranth.hdl import UnusedElaboratable
 
 from hardwire.compiler import numerics as nx
 from hardwire.hdl.argmax import Argmax
-from hardwire.sim.cocotb_runner import run_cocotb
+from hardwire.sim.cocotb_runner import export_verilog, run_cocotb
 
 from golden_vectors import rng, stories_qmodel, stories_trace
 
 TESTS = Path(__file__).resolve().parent
 BUILD_ROOT = TESTS.parent / "build" / "cocotb"
+TOP = "argmax"
+_verilog = {}
 
 
 def run(dut, x, expect, *, valid_prob=1.0, ready_prob=1.0, expect_failure=False):
+    if id(dut) not in _verilog:                 # export each design once per session
+        _verilog[id(dut)] = (dut, export_verilog(dut, TOP))
     vectors = dict(x=x, expect=np.asarray(expect), bits=dut.bits, lanes=dut.lanes,
                    valid_prob=valid_prob, ready_prob=ready_prob, latency=dut.latency(),
                    interval=dut.initiation_interval())
-    return run_cocotb(component_or_verilog=dut, toplevel="argmax", test_module="argmax_bench",
-                      test_dir=TESTS / "benches", build_root=BUILD_ROOT, vectors=vectors,
-                      expect_failure=expect_failure, timeout_s=120)
+    return run_cocotb(component_or_verilog=_verilog[id(dut)][1], toplevel=TOP,
+                      test_module="argmax_bench", test_dir=TESTS / "benches",
+                      build_root=BUILD_ROOT, vectors=vectors, expect_failure=expect_failure,
+                      timeout_s=120)
 
 
 def random_case(seed, *, n, bits, count=60):

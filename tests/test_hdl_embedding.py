@@ -11,19 +11,23 @@ from amaranth.hdl import UnusedElaboratable
 from hardwire.compiler import numerics as nx
 from hardwire.compiler.golden import GoldenModel
 from hardwire.hdl.embedding import EmbeddingROM
-from hardwire.sim.cocotb_runner import run_cocotb
+from hardwire.sim.cocotb_runner import export_verilog, run_cocotb
 
 from golden_vectors import rng, stories_qmodel, stories_trace
 
 TESTS = Path(__file__).resolve().parent
 BUILD_ROOT = TESTS.parent / "build" / "cocotb"
+TOP = "embedding_rom"
+_verilog = {}
 
 
 def run(dut, tokens, expect, *, valid_prob=1.0, ready_prob=1.0, expect_failure=False):
+    if id(dut) not in _verilog:                 # export each design once per session
+        _verilog[id(dut)] = (dut, export_verilog(dut, TOP))
     vectors = dict(tokens=np.asarray(tokens), expect=np.asarray(expect), vocab=dut.vocab,
                    out_bits=dut.out_bits, valid_prob=valid_prob, ready_prob=ready_prob,
                    latency=dut.latency(), interval=dut.initiation_interval())
-    return run_cocotb(component_or_verilog=dut, toplevel="embedding_rom",
+    return run_cocotb(component_or_verilog=_verilog[id(dut)][1], toplevel=TOP,
                       test_module="embedding_bench", test_dir=TESTS / "benches",
                       build_root=BUILD_ROOT, vectors=vectors, expect_failure=expect_failure,
                       timeout_s=120)

@@ -13,16 +13,22 @@ from hardwire.sim.cocotb_helpers import (load_vectors, pack_signed, reset, start
 
 
 async def _transfers(dut, log):
-    """Append the cycle number of every transfer on each port (sampled before the edge)."""
-    cycle = 0
+    """Append the cycle number of every transfer on each port (sampled before the edge), and
+    record in ``log["held"]`` any cycle where ``o`` dropped or changed an offered payload."""
+    cycle, offered = 0, None
     while True:
         await FallingEdge(dut.clk)
         await ReadOnly()
         cycle += 1
-        for name in log:
-            if int(getattr(dut, f"{name}__valid").value) and \
+        for name in ("i", "a", "b", "gate", "up", "o"):
+            if name in log and int(getattr(dut, f"{name}__valid").value) and \
                     int(getattr(dut, f"{name}__ready").value):
                 log[name].append(cycle)
+        valid, ready = int(dut.o__valid.value), int(dut.o__ready.value)
+        payload = dut.o__payload.value.to_unsigned() if valid else None
+        if offered is not None and payload != offered:
+            log["held"].append(cycle)
+        offered = payload if valid and not ready else None
 
 
 @cocotb.test()
@@ -36,7 +42,7 @@ async def vectors(dut):
              for vec in x for b in range(beats)]
     start_clock(dut)
     await reset(dut)
-    log = {"i": [], "o": []}
+    log = {"i": [], "o": [], "held": []}
     cocotb.start_soon(_transfers(dut, log))
     send = cocotb.start_soon(stream_send(dut, "i", words, valid_prob=vp, rng=1))
     got = await stream_recv(dut, "o", len(expect), ready_prob=rp, rng=2)
@@ -44,6 +50,7 @@ async def vectors(dut):
     bad = [k for k in range(len(expect)) if got[k] != expect[k]]
     assert not bad, (f"vector {bad[0]}: index {got[bad[0]]}, expected {expect[bad[0]]} "
                      f"({len(bad)} mismatches)")
+    assert not log["held"], f"o changed while waiting for ready in cycles {log['held'][:5]}"
     if vp == 1.0 and rp == 1.0:
         last = log["i"][beats - 1::beats]
         lat = {o - i for i, o in zip(last, log["o"])}

@@ -14,8 +14,10 @@ from hardwire.sim.cocotb_helpers import (load_vectors, reset, start_clock, strea
 
 
 async def _monitor(dut, log):
-    """Record per cycle (sampled before the edge): token transfers and the error output."""
-    cycle = 0
+    """Record per cycle (sampled before the edge): token transfers, output transfers, the
+    first cycle ``error`` is high, and cycles where ``o`` dropped or changed an offered
+    payload (``log["held"]``)."""
+    cycle, offered = 0, None
     while True:
         await FallingEdge(dut.clk)
         await ReadOnly()
@@ -26,6 +28,11 @@ async def _monitor(dut, log):
             log["o"].append(cycle)
         if int(dut.error.value) and log["error"] is None:
             log["error"] = cycle
+        valid, ready = int(dut.o__valid.value), int(dut.o__ready.value)
+        payload = dut.o__payload.value.to_unsigned() if valid else None
+        if offered is not None and payload != offered:
+            log["held"].append(cycle)
+        offered = payload if valid and not ready else None
 
 
 @cocotb.test()
@@ -37,7 +44,7 @@ async def vectors(dut):
     start_clock(dut)
     await reset(dut)
     assert int(dut.error.value) == 0, "error is set after reset"
-    log = {"i": [], "o": [], "error": None}
+    log = {"i": [], "o": [], "error": None, "held": []}
     cocotb.start_soon(_monitor(dut, log))
     send = cocotb.start_soon(stream_send(dut, "i", tokens, valid_prob=vp, rng=1))
     got = await stream_recv(dut, "o", len(v["expect"]), ready_prob=rp, rng=2)
@@ -51,6 +58,7 @@ async def vectors(dut):
         bad = [k for k in range(dim) if out[k] != int(want[k])]
         assert not bad, (f"vector {n}: element {bad[0]} is {out[bad[0]]}, expected "
                          f"{int(want[bad[0]])} ({len(bad)} mismatches)")
+    assert not log["held"], f"o changed while waiting for ready in cycles {log['held'][:5]}"
     bad_in = [c for c, t in log["i"] if t >= vocab]
     want_error = bad_in[0] + 1 if bad_in else None
     assert log["error"] == want_error, f"error rose in cycle {log['error']}, not {want_error}"

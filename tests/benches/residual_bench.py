@@ -12,17 +12,23 @@ from hardwire.sim.cocotb_helpers import (load_vectors, pack_signed, reset, start
                                          stream_recv, stream_send, unpack_signed)
 
 
-async def _transfers(dut, ports, log):
-    """Append the cycle number of every transfer on each port (sampled before the edge)."""
-    cycle = 0
+async def _transfers(dut, log):
+    """Append the cycle number of every transfer on each port (sampled before the edge), and
+    record in ``log["held"]`` any cycle where ``o`` dropped or changed an offered payload."""
+    cycle, offered = 0, None
     while True:
         await FallingEdge(dut.clk)
         await ReadOnly()
         cycle += 1
-        for name in ports:
-            if int(getattr(dut, f"{name}__valid").value) and \
+        for name in ("i", "a", "b", "gate", "up", "o"):
+            if name in log and int(getattr(dut, f"{name}__valid").value) and \
                     int(getattr(dut, f"{name}__ready").value):
                 log[name].append(cycle)
+        valid, ready = int(dut.o__valid.value), int(dut.o__ready.value)
+        payload = dut.o__payload.value.to_unsigned() if valid else None
+        if offered is not None and payload != offered:
+            log["held"].append(cycle)
+        offered = payload if valid and not ready else None
 
 
 @cocotb.test()
@@ -32,8 +38,8 @@ async def vectors(dut):
     vp, rp = float(v["valid_prob"]), float(v["ready_prob"])
     start_clock(dut)
     await reset(dut)
-    log = {"a": [], "b": [], "o": []}
-    cocotb.start_soon(_transfers(dut, log, log))
+    log = {"a": [], "b": [], "o": [], "held": []}
+    cocotb.start_soon(_transfers(dut, log))
     send_a = cocotb.start_soon(stream_send(dut, "a", [pack_signed(x, bits) for x in v["a"]],
                                            valid_prob=vp, rng=1))
     send_b = cocotb.start_soon(stream_send(dut, "b", [pack_signed(x, bits) for x in v["b"]],
@@ -47,6 +53,7 @@ async def vectors(dut):
         assert not bad, (f"vector {n}: element {bad[0]} is {out[bad[0]]}, expected "
                          f"{int(want[bad[0]])} ({len(bad)} mismatches)")
     assert log["a"] == log["b"], "a and b did not transfer together"
+    assert not log["held"], f"o changed while waiting for ready in cycles {log['held'][:5]}"
     if vp == 1.0 and rp == 1.0:
         lat = {o - i for i, o in zip(log["a"], log["o"])}
         assert lat == {int(v["latency"])}, f"latency {lat}, formula {int(v['latency'])}"

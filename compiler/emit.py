@@ -1,0 +1,123 @@
+"""Emission: a quantized model and a plan become Verilog, RTLIL and a report.
+
+Everything written is a pure function of the model file and the options (no timestamps, no
+durations), so re-running gives byte-identical files. Output appears all at once: files are
+written to a temporary folder beside ``out_dir`` and moved into place only when complete.
+"""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .chip_builder import build_chip, chip_name
+from .errors import HardwireError
+from .loaders import load_model
+from .plan import mac_units, plan_chip, predict_cycles
+from .quantize import quantize_model, wbits_label
+
+__all__ = ["compile_model", "chip_report", "format_report", "REPORT_POSITIONS"]
+
+# positions at which the report gives cycles per token (attention grows with the context)
+REPORT_POSITIONS = (0, 1, 15, 63, 127, 255, 511, 1023, 2047, 4095, 8191)
+
+
+def chip_report(qm, plan, *, name):
+    c = qm.config
+    rom = qm.rom_bits()
+    macs_per_token = sum(int(m.q.size) for L in qm.layers
+                         for m in (L.wq, L.wk, L.wv, L.wo, L.w1, L.w3, L.w2))
+    macs_per_token += int(qm.classifier.q.size)
+    units = mac_units(plan)
+    by_pos = {}
+    for pos in REPORT_POSITIONS:
+        if pos >= c.seq_len:
+            continue
+        cyc = predict_cycles(qm, plan, pos)
+        # attention MACs: scores and weighted sums over pos+1 positions, every head
+        att = 2 * c.n_layers * c.n_heads * c.head_size * (pos + 1)
+        by_pos[str(pos)] = {"cycles": cyc, "mac_utilization":
+                            (macs_per_token + att) / (units["total"] * cyc["total"])}
+    return {
+        "name": name, "model_hash": qm.model_hash, "datapath_digest": qm.digest(),
+        "config": c.to_dict(), "wbits": qm.wbits, "wbits_label": wbits_label(qm.wbits),
+        "quantization": qm.method,
+        "numerics": {"act_bits": qm.numerics.act_bits, "qkv_bits": qm.numerics.qkv_bits,
+                     "resid_bits": qm.numerics.resid_bits, "resid_frac": qm.resid_frac,
+                     "silu_bits": qm.numerics.silu_bits},
+        "rom_bits": rom, "rom_bits_total": int(sum(rom.values())),
+        "kv_cache_bits": int(2 * c.n_layers * c.seq_len * c.kv_dim * qm.numerics.qkv_bits),
+        "plan": plan.to_dict(), "mac_units": units,
+        "macs_per_token_matrices": macs_per_token,
+        "cycles_per_token": by_pos,
+    }
+
+
+def format_report(rep):
+    c = rep["config"]
+    first = rep["cycles_per_token"]["0"]
+    last_pos = max(rep["cycles_per_token"], key=int)
+    last = rep["cycles_per_token"][last_pos]
+    worst = max(((k, v) for k, v in first["cycles"].items() if k != "total"),
+                key=lambda kv: kv[1])
+    return "\n".join([
+        f"{rep['name']}: {c['n_layers']} layers, dim {c['dim']}, context {c['seq_len']}, "
+        f"weights {rep['wbits_label']}-bit",
+        f"  weight ROM {rep['rom_bits_total']:,} bits, KV cache {rep['kv_cache_bits']:,} bits, "
+        f"{rep['mac_units']['total']} MAC units",
+        f"  cycles/token: {first['cycles']['total']:,} at position 0, "
+        f"{last['cycles']['total']:,} at position {last_pos}; largest unit at position 0: "
+        f"{worst[0]} ({worst[1]:,})",
+        f"  MAC utilization {100 * first['mac_utilization']:.1f}% (pos 0), "
+        f"{100 * last['mac_utilization']:.1f}% (pos {last_pos})",
+    ])
+
+
+def compile_model(path, out_dir, *, wbits="8", seq_len=None, fold=None, target_cycles=None,
+                  mac_budget=None, progress=None):
+    """Compile a model file into ``out_dir/<name>.v``, ``.il`` and ``report.json``."""
+    from amaranth.back import rtlil, verilog
+
+    def say(msg):
+        if progress is not None:
+            print(f"[hardwire] {msg}", file=progress, flush=True)
+
+    t0 = time.perf_counter()
+    model = load_model(path, seq_len=seq_len)
+    qm = quantize_model(model, wbits=wbits)
+    say(f"quantized {model.name} ({wbits_label(qm.wbits)}-bit weights) in "
+        f"{time.perf_counter() - t0:.1f} s")
+    try:
+        plan = plan_chip(qm, fold=fold, target_cycles=target_cycles, mac_budget=mac_budget)
+    except ValueError as e:
+        raise HardwireError(f"--fold/--target-cycles: {e}") from None
+    name = chip_name(qm)
+    t1 = time.perf_counter()
+    chip = build_chip(qm, plan)
+    ports = _ports(chip)
+    v_text = verilog.convert(chip, name=name, ports=ports, emit_src=False)
+    il_text = rtlil.convert(chip, name=name, ports=ports, emit_src=False)
+    say(f"elaborated and emitted Verilog + RTLIL in {time.perf_counter() - t1:.1f} s")
+    rep = chip_report(qm, plan, name=name)
+
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / f"{name}.v").write_text(v_text)
+    (tmp / f"{name}.il").write_text(il_text)
+    (tmp / "report.json").write_text(json.dumps(rep, indent=2, sort_keys=True) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
+    rep["seconds"] = round(time.perf_counter() - t0, 2)
+    rep["files"] = [str(out / f"{name}.v"), str(out / f"{name}.il"), str(out / "report.json")]
+    return rep
+
+
+def _ports(component):
+    """Every port of a component's signature, flattened (a stream ``o`` becomes ``o__valid``,
+    ``o__ready``, ``o__payload``)."""
+    from amaranth.hdl import Value
+    return [Value.cast(v) for _path, _member, v in component.signature.flatten(component)]

@@ -1,0 +1,175 @@
+// Token-level driver for a Verilated LlamaChip (see sim/chip_sim.py).
+//
+// Line protocol on stdin/stdout, one command per line:
+//   T <id>     feed one token; answers "O <next> <cycles>" or "E token|context <cycles>"
+//   G <id> <n> feed <id>, then feed back each argmax n-1 more times; one "O"/"E" line per token
+//   R          reset_ctx pulse; answers "R <pos>"
+//   I          read the ID ROM; answers "I w0 w1 ... w63" (hex)
+//   P          answers "P <pos> <busy> <err_token> <err_context> <total cycles>"
+//   Q          quit
+// (Verilator spells Amaranth's "token_in__valid" as "token_in___05Fvalid".)
+// <cycles> counts clock edges from the first cycle the token is offered to the edge where
+// the next token is taken (the chip's cycles_per_token).
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "Vchip.h"
+#include "verilated.h"
+#if VM_TRACE
+#include "verilated_fst_c.h"
+#endif
+
+static VerilatedContext* ctx;
+static Vchip* top;
+#if VM_TRACE
+static VerilatedFstC* tfp = nullptr;
+#endif
+static uint64_t total_cycles = 0;
+static const uint64_t TIMEOUT = 50000000ULL;
+
+static void half(int clk) {
+    top->clk = clk;
+    top->eval();
+#if VM_TRACE
+    if (tfp) tfp->dump(ctx->time());
+#endif
+    ctx->timeInc(5);
+}
+
+// One clock cycle; inputs must be set before the call. Returns after the rising edge.
+static void cycle() {
+    half(0);
+    half(1);
+    total_cycles++;
+}
+
+// Value of the inputs' effect before the next rising edge (combinational outputs settle).
+static void settle() {
+    top->clk = 0;
+    top->eval();
+}
+
+static void feed(uint32_t tok, uint32_t* out, int* kind, uint64_t* cycles) {
+    uint8_t et0 = top->err_token, ec0 = top->err_context;
+    uint64_t start = total_cycles;
+    top->token_in___05Fpayload = tok;
+    top->token_in___05Fvalid = 1;
+    top->token_out___05Fready = 0;
+    for (;;) {
+        settle();
+        bool fire = top->token_in___05Fready;
+        cycle();
+        if (fire) break;
+        if (total_cycles - start > TIMEOUT) { *kind = 3; *cycles = total_cycles - start; return; }
+    }
+    top->token_in___05Fvalid = 0;
+    top->token_out___05Fready = 1;
+    for (;;) {
+        settle();
+        if (top->token_out___05Fvalid) {
+            *out = top->token_out___05Fpayload;
+            cycle();
+            top->token_out___05Fready = 0;
+            *kind = 0;
+            *cycles = total_cycles - start;
+            return;
+        }
+        if (top->err_token && !et0) { *kind = 1; *cycles = total_cycles - start; return; }
+        if (top->err_context && !ec0) { *kind = 2; *cycles = total_cycles - start; return; }
+        cycle();
+        if (total_cycles - start > TIMEOUT) { *kind = 3; *cycles = total_cycles - start; return; }
+    }
+}
+
+static void report(int kind, uint32_t out, uint64_t cycles) {
+    static const char* names[] = {"", "token", "context", "timeout"};
+    if (kind == 0)
+        printf("O %u %llu\n", out, (unsigned long long)cycles);
+    else
+        printf("E %s %llu\n", names[kind], (unsigned long long)cycles);
+}
+
+int main(int argc, char** argv) {
+    ctx = new VerilatedContext;
+    const char* trace_file = nullptr;
+    for (int i = 1; i + 1 < argc; i++)
+        if (!strcmp(argv[i], "--trace")) trace_file = argv[i + 1];
+    top = new Vchip{ctx};
+#if VM_TRACE
+    if (trace_file) {
+        ctx->traceEverOn(true);
+        tfp = new VerilatedFstC;
+        top->trace(tfp, 99);
+        tfp->open(trace_file);
+    }
+#else
+    if (trace_file) {
+        fprintf(stderr, "this simulation was built without tracing\n");
+        return 2;
+    }
+#endif
+    top->rst = 1;
+    top->token_in___05Fvalid = 0;
+    top->token_out___05Fready = 0;
+    top->reset_ctx = 0;
+    top->id_addr = 0;
+    for (int i = 0; i < 4; i++) cycle();
+    top->rst = 0;
+    cycle();
+    printf("READY\n");
+    fflush(stdout);
+
+    char line[256];
+    while (fgets(line, sizeof line, stdin)) {
+        char cmd = line[0];
+        if (cmd == 'Q') break;
+        if (cmd == 'T' || cmd == 'G') {
+            unsigned long tok = 0, n = 1;
+            if (cmd == 'T') sscanf(line + 1, "%lu", &tok);
+            else sscanf(line + 1, "%lu %lu", &tok, &n);
+            for (unsigned long k = 0; k < n; k++) {
+                uint32_t out = 0;
+                int kind = 0;
+                uint64_t cyc = 0;
+                feed((uint32_t)tok, &out, &kind, &cyc);
+                report(kind, out, cyc);
+                if (kind) break;
+                tok = out;
+            }
+        } else if (cmd == 'R') {
+            top->reset_ctx = 1;
+            cycle();
+            top->reset_ctx = 0;
+            cycle();
+            printf("R %u\n", (unsigned)top->pos);
+        } else if (cmd == 'I') {
+            printf("I");
+            for (int a = 0; a < 64; a++) {
+                top->id_addr = a;
+                settle();
+                cycle();
+                settle();
+                printf(" %08x", (unsigned)top->id_data);
+            }
+            printf("\n");
+        } else if (cmd == 'P') {
+            settle();
+            printf("P %u %u %u %u %llu\n", (unsigned)top->pos, (unsigned)top->busy,
+                   (unsigned)top->err_token, (unsigned)top->err_context,
+                   (unsigned long long)total_cycles);
+        } else {
+            printf("? %s", line);
+        }
+        fflush(stdout);
+    }
+#if VM_TRACE
+    if (tfp) tfp->close();
+#endif
+    top->final();
+    delete top;
+    delete ctx;
+    return 0;
+}
