@@ -53,7 +53,8 @@ class GoldenModel:
         nc, tb = qm.numerics, qm.tables
         pos = self.pos if pos is None else pos
         if not (0 <= int(token) < c.vocab_size):
-            raise TokenRangeError(f"token id {token} is outside the vocabulary (0..{c.vocab_size - 1})")
+            raise TokenRangeError(f"token id {token} is outside the vocabulary "
+                                  f"(0..{c.vocab_size - 1})")
         if pos >= c.seq_len:
             raise ContextFullError(f"context is full ({c.seq_len} positions)")
         t = trace if trace is not None else {}

@@ -2,7 +2,7 @@
 
 The repository's folders are installed as sub-packages:
 
-* ``compiler/`` -> :mod:`hardwire.compiler` (loaders, quantization, numerics, golden model, planning)
+* ``compiler/`` -> :mod:`hardwire.compiler` (loaders, numerics, golden model, planning)
 * ``hdl/``      -> :mod:`hardwire.hdl` (Amaranth components)
 * ``sim/``      -> :mod:`hardwire.sim` (Verilator / cocotb harnesses)
 * ``fpga/``     -> :mod:`hardwire.fpga` (boards, host link, synthesis flow)

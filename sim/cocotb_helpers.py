@@ -26,7 +26,8 @@ from hardwire.sim.cocotb_runner import load_vectors
 
 __all__ = [
     "load_vectors", "start_clock", "reset", "stream_send", "stream_recv", "CycleCounter",
-    "to_bits", "to_signed", "pack_signed", "unpack_signed", "port",
+    "to_bits", "to_signed", "pack_signed", "unpack_signed", "port", "log_transfers",
+    "assert_vectors",
 ]
 
 
@@ -208,3 +209,40 @@ class CycleCounter:
             self._task.cancel()
             self._task = None
         return self.cycles
+
+
+async def log_transfers(dut, log, *, held=None, clk: str = "clk") -> None:
+    """Forever append the cycle number of every transfer on each stream port named in ``log``
+    (sampled before the rising edge, so cycle ``t`` is the edge where the transfer happens).
+
+    With ``held="o"``, also append to ``log["held"]`` every cycle in which that port dropped or
+    changed a payload it was still offering (a stream must hold its payload until taken).
+    """
+    clock = port(dut, clk)
+    ports = [name for name in log if name != "held"]
+    cycle, offered = 0, None
+    while True:
+        await FallingEdge(clock)
+        await ReadOnly()
+        cycle += 1
+        for name in ports:
+            if int(port(dut, f"{name}__valid").value) and int(port(dut, f"{name}__ready").value):
+                log[name].append(cycle)
+        if held is not None:
+            valid = int(port(dut, f"{held}__valid").value)
+            ready = int(port(dut, f"{held}__ready").value)
+            payload = port(dut, f"{held}__payload").value.to_unsigned() if valid else None
+            if offered is not None and payload != offered:
+                log["held"].append(cycle)
+            offered = payload if valid and not ready else None
+
+
+def assert_vectors(words, expect, width: int, *, what: str = "vector") -> None:
+    """Unpack each payload word into ``len(expect[k])`` signed elements and compare; the message
+    names the first mismatching vector and element."""
+    for k, (word, want) in enumerate(zip(words, expect)):
+        got = unpack_signed(word, len(want), width)
+        bad = [j for j in range(len(want)) if got[j] != int(want[j])]
+        assert not bad, (f"{what} {k}: element {bad[0]} is {got[bad[0]]}, expected "
+                         f"{int(want[bad[0]])} ({len(bad)} mismatches)")
+    assert len(words) == len(expect), f"{len(words)} {what}s, expected {len(expect)}"

@@ -10,22 +10,15 @@ when both probabilities are 1 and every input has an output; ``expect_error`` (f
 
 import cocotb
 from cocotb.triggers import FallingEdge, ReadOnly
-
-from hardwire.sim.cocotb_helpers import (load_vectors, reset, start_clock, stream_recv,
-                                         stream_send, unpack_signed)
-
-
-async def _transfers(dut, log):
-    """Append the cycle number of every transfer on each port (sampled before the edge)."""
-    cycle = 0
-    while True:
-        await FallingEdge(dut.clk)
-        await ReadOnly()
-        cycle += 1
-        for name in log:
-            if int(getattr(dut, f"{name}__valid").value) and \
-                    int(getattr(dut, f"{name}__ready").value):
-                log[name].append(cycle)
+from hardwire.sim.cocotb_helpers import (
+    load_vectors,
+    log_transfers,
+    reset,
+    start_clock,
+    stream_recv,
+    stream_send,
+    unpack_signed,
+)
 
 
 @cocotb.test()
@@ -38,7 +31,7 @@ async def vectors(dut):
     dut.o__ready.value = 0
     await reset(dut)
     log = {"i": [], "o": []}
-    cocotb.start_soon(_transfers(dut, log))
+    cocotb.start_soon(log_transfers(dut, log))
     words = [int(str(x), 16) for x in v["inputs"]]
     send = cocotb.start_soon(stream_send(dut, "i", words, valid_prob=vp, rng=1))
     got = await stream_recv(dut, "o", count, ready_prob=rp, rng=2)

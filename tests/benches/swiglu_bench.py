@@ -6,29 +6,16 @@ backpressure); ``latency`` and ``interval`` (checked when both probabilities are
 """
 
 import cocotb
-from cocotb.triggers import FallingEdge, ReadOnly
-
-from hardwire.sim.cocotb_helpers import (load_vectors, pack_signed, reset, start_clock,
-                                         stream_recv, stream_send, unpack_signed)
-
-
-async def _transfers(dut, log):
-    """Append the cycle number of every transfer on each port (sampled before the edge), and
-    record in ``log["held"]`` any cycle where ``o`` dropped or changed an offered payload."""
-    cycle, offered = 0, None
-    while True:
-        await FallingEdge(dut.clk)
-        await ReadOnly()
-        cycle += 1
-        for name in ("i", "a", "b", "gate", "up", "o"):
-            if name in log and int(getattr(dut, f"{name}__valid").value) and \
-                    int(getattr(dut, f"{name}__ready").value):
-                log[name].append(cycle)
-        valid, ready = int(dut.o__valid.value), int(dut.o__ready.value)
-        payload = dut.o__payload.value.to_unsigned() if valid else None
-        if offered is not None and payload != offered:
-            log["held"].append(cycle)
-        offered = payload if valid and not ready else None
+from hardwire.sim.cocotb_helpers import (
+    load_vectors,
+    log_transfers,
+    pack_signed,
+    reset,
+    start_clock,
+    stream_recv,
+    stream_send,
+    unpack_signed,
+)
 
 
 @cocotb.test()
@@ -39,7 +26,7 @@ async def vectors(dut):
     start_clock(dut)
     await reset(dut)
     log = {"gate": [], "up": [], "o": [], "held": []}
-    cocotb.start_soon(_transfers(dut, log))
+    cocotb.start_soon(log_transfers(dut, log, held="o"))
     sends = [cocotb.start_soon(stream_send(
         dut, name, [pack_signed(x, int(v[bits])) for x in v[name]], valid_prob=vp, rng=seed))
         for name, bits, seed in (("gate", "in_bits", 1), ("up", "up_bits", 2))]

@@ -1,0 +1,308 @@
+"""The whole model as one chip: embedding ROM, one hardware decoder layer per layer, final
+norm, classifier and argmax, with a position counter, error flags, an ID ROM and a debug tap."""
+
+import operator
+
+from amaranth.hdl import Module, Signal, unsigned
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .argmax import Argmax
+from .arith import pos_shape, vector_layout
+from .decoder import DecoderLayer
+from .embedding import EmbeddingROM
+from .matvec import MatVecUnit
+from .rmsnorm import RMSNorm
+
+__all__ = ["LlamaChip", "id_rom_words", "ID_MAGIC", "ID_VERSION", "ID_WORDS",
+           "WEIGHT_CLASSES"]
+
+#: Word 0 of the ID ROM: ``"HWR1"`` in ASCII.
+ID_MAGIC = 0x48575231
+#: Word 1 of the ID ROM: layout version of this map.
+ID_VERSION = 1
+#: Words in the ID ROM (``id_addr`` is 6 bits).
+ID_WORDS = 64
+#: Weight classes in the order of their 4-bit fields in ID word 17.
+WEIGHT_CLASSES = ("embed", "attn_qkv", "attn_out", "ffn_gate_up", "ffn_down")
+
+
+def _hex_words(hex_digest, n, *, what):
+    data = bytes.fromhex(hex_digest)
+    if len(data) < 4 * n:
+        raise ValueError(f"{what} has {len(data)} bytes, at least {4 * n} are needed")
+    return [int.from_bytes(data[4 * k:4 * k + 4], "big") for k in range(n)]
+
+
+def id_rom_words(*, model_hash, dim, n_layers, n_heads, n_kv_heads, hidden_dim, vocab_size,
+                 seq_len, weight_bits, digest):
+    """Contents of the chip's ID ROM (see :class:`LlamaChip`), as a list of 32-bit words.
+
+    ``model_hash`` and ``digest`` are hex strings (the model's content sha256 and the
+    quantized datapath's digest); ``weight_bits`` maps each of :data:`WEIGHT_CLASSES` to its
+    width (3..15).
+    """
+    words = [ID_MAGIC, ID_VERSION]
+    words += _hex_words(model_hash, 8, what="model_hash")
+    for name, v in (("dim", dim), ("n_layers", n_layers), ("n_heads", n_heads),
+                    ("n_kv_heads", n_kv_heads), ("hidden_dim", hidden_dim),
+                    ("vocab_size", vocab_size), ("seq_len", seq_len)):
+        v = operator.index(v)
+        if not 0 < v < 1 << 32:
+            raise ValueError(f"{name} ({v}) must fit a 32-bit word")
+        words.append(v)
+    packed = 0
+    for k, name in enumerate(WEIGHT_CLASSES):
+        if name not in weight_bits:
+            raise ValueError(f"weight_bits has no width for {name!r}")
+        b = operator.index(weight_bits[name])
+        if not 0 < b < 16:
+            raise ValueError(f"weight_bits[{name!r}] ({b}) must fit 4 bits")
+        packed |= b << (4 * k)
+    words.append(packed)
+    words += _hex_words(digest, 1, what="digest")
+    return words + [0] * (ID_WORDS - len(words))
+
+
+class LlamaChip(wiring.Component):
+    """A Llama model as a hard-wired chip: one token in, the greedy next token out.
+
+    ``token_in`` -> range and context checks -> :class:`EmbeddingROM` -> one
+    :class:`DecoderLayer` per layer (each with its own weight ROMs and KV cache) -> final
+    :class:`RMSNorm` -> classifier :class:`MatVecUnit` -> :class:`Argmax` (``lanes`` = the
+    classifier's ``pe``, fed its chunks directly) -> ``token_out``. One token is processed at
+    a time: ``token_in`` is ready while the chip is idle (not ``busy``), and ``busy`` lasts
+    from the token's transfer until its ``token_out`` transfer. Every accepted in-range token
+    produces exactly one ``token_out``, in order. Cycles from the ``token_in`` transfer at
+    position ``pos`` to the first cycle ``token_out.valid`` is high: :meth:`cycles_per_token`.
+
+    A token with id ``>= vocab_size`` sets the sticky ``err_token``; a token fed while
+    ``pos == seq_len`` sets the sticky ``err_context``; either way it is consumed and dropped
+    (no output, position and KV caches unchanged). ``reset_ctx`` (a pulse while not busy;
+    ignored while busy, and ``token_in`` is not taken in its cycle) sets ``pos`` to 0 and
+    clears both flags; the KV caches are not cleared (attention reads rows ``0..pos`` only).
+
+    ID ROM (``id_data`` is combinational in ``id_addr``), 32-bit words:
+
+    ======  =================================================================================
+    word    contents
+    ======  =================================================================================
+    0       magic ``0x48575231`` (``"HWR1"``)
+    1       format version, 1
+    2..9    the model content hash (sha256), 32 bytes as big-endian words
+    10..16  dim, n_layers, n_heads, n_kv_heads, hidden_dim, vocab_size, seq_len
+    17      weight bits: ``embed | attn_qkv << 4 | attn_out << 8 | ffn_gate_up << 12 |
+            ffn_down << 16``
+    18      first 4 bytes of the quantized datapath digest (big-endian)
+    19..63  zero
+    ======  =================================================================================
+
+    Debug tap (never stalls the chip): in the cycle after layer ``i``'s output vector (golden
+    trace ``L{i}.out``) transfers, ``tap_valid`` is high for one cycle with ``tap_layer = i``
+    and the vector on ``tap_data``.
+
+    The shared classifier of a tied-embedding model uses the same integer table as the
+    embedding; the two are separate ROMs here (the embedding reads rows, the classifier's
+    ROM is folded by ``pe``/``simd``).
+
+    Parameters
+    ----------
+    embedding : EmbeddingROM
+        Token embedding, ``out_bits`` = the residual width.
+    layers : sequence of DecoderLayer
+        The decoder layers, in order (same ``dim``, residual width and ``n_pos``).
+    final_norm : RMSNorm
+        Final norm.
+    classifier : MatVecUnit
+        ``vocab_size x dim`` classifier (logits).
+    id_words : sequence of int
+        At most 64 words of 32 bits for the ID ROM (:func:`id_rom_words`).
+
+    Members
+    -------
+    token_in : ``In(stream.Signature(unsigned(token_bits)))``
+        ``token_bits = max(1, ceil(log2(vocab_size))) + 1``.
+    token_out : ``Out(stream.Signature(unsigned(token_bits)))``
+        The argmax next token of each accepted in-range token.
+    reset_ctx : ``In(1)``
+        New context (see above).
+    pos : ``Out(pos_shape(seq_len))``
+        Tokens consumed in this context (incremented when a token is accepted).
+    busy : ``Out(1)``
+        A token is being processed.
+    err_token, err_context : ``Out(1)``
+        Sticky error flags (see above).
+    id_addr : ``In(unsigned(6))``; id_data : ``Out(unsigned(32))``
+        ID ROM, combinational read.
+    tap_valid : ``Out(1)``; tap_layer : ``Out(unsigned(max(1, ceil(log2(n_layers)))))``;
+    tap_data : ``Out(vector_layout(resid_bits, dim))``
+        Layer output debug tap.
+    """
+
+    def __init__(self, *, embedding, layers, final_norm, classifier, id_words):
+        layers = list(layers)
+        if not isinstance(embedding, EmbeddingROM):
+            raise ValueError(f"embedding must be an EmbeddingROM, not "
+                             f"{type(embedding).__name__}")
+        if not layers:
+            raise ValueError("layers must hold at least one DecoderLayer")
+        for k, layer in enumerate(layers):
+            if not isinstance(layer, DecoderLayer):
+                raise ValueError(f"layers[{k}] must be a DecoderLayer, not "
+                                 f"{type(layer).__name__}")
+        if not isinstance(final_norm, RMSNorm):
+            raise ValueError(f"final_norm must be an RMSNorm, not {type(final_norm).__name__}")
+        if not isinstance(classifier, MatVecUnit):
+            raise ValueError(f"classifier must be a MatVecUnit, not "
+                             f"{type(classifier).__name__}")
+        dim, rbits, n_pos = layers[0].dim, layers[0].resid_bits, layers[0].n_pos
+        vocab = embedding.vocab
+
+        def same(what, got, want, why):
+            if got != want:
+                raise ValueError(f"{what} is {got}, expected {want} ({why})")
+
+        same("embedding.dim", embedding.dim, dim, "layers[0].dim")
+        same("embedding.out_bits", embedding.out_bits, rbits, "the residual width")
+        for k, layer in enumerate(layers[1:], 1):
+            same(f"layers[{k}].dim", layer.dim, dim, "layers[0].dim")
+            same(f"layers[{k}].resid_bits", layer.resid_bits, rbits, "layers[0].resid_bits")
+            same(f"layers[{k}].n_pos", layer.n_pos, n_pos, "layers[0].n_pos")
+        same("final_norm.dim", final_norm.dim, dim, "layers[0].dim")
+        same("final_norm.in_bits", final_norm.in_bits, rbits, "the residual width")
+        same("classifier shape", (classifier.rows, classifier.cols), (vocab, dim),
+             "vocab_size x dim")
+        same("classifier.in_bits", classifier.in_bits, final_norm.out_bits,
+             "final_norm.out_bits")
+        id_words = [operator.index(w) for w in id_words]
+        if len(id_words) > ID_WORDS:
+            raise ValueError(f"id_words has {len(id_words)} words, the ROM holds {ID_WORDS}")
+        bad = [w for w in id_words if not 0 <= w < 1 << 32]
+        if bad:
+            raise ValueError(f"id_words must be 32-bit unsigned words, not {bad[0]}")
+
+        self._embedding, self._layers = embedding, layers
+        self._final_norm, self._classifier = final_norm, classifier
+        self._argmax = Argmax(n=vocab, bits=classifier.out_bits, lanes=classifier.pe)
+        self._id_words = id_words + [0] * (ID_WORDS - len(id_words))
+        self._dim, self._resid_bits, self._seq_len, self._vocab = dim, rbits, n_pos, vocab
+        self._token_bits = max(1, (vocab - 1).bit_length()) + 1
+        token = unsigned(self._token_bits)
+        super().__init__({
+            "token_in": In(stream.Signature(token)),
+            "token_out": Out(stream.Signature(token)),
+            "reset_ctx": In(1),
+            "pos": Out(pos_shape(n_pos)),
+            "busy": Out(1),
+            "err_token": Out(1),
+            "err_context": Out(1),
+            "id_addr": In(unsigned(6)),
+            "id_data": Out(unsigned(32)),
+            "tap_valid": Out(1),
+            "tap_layer": Out(unsigned(max(1, (len(layers) - 1).bit_length()))),
+            "tap_data": Out(vector_layout(rbits, dim)),
+        })
+
+    embedding = property(lambda self: self._embedding)
+    layers = property(lambda self: list(self._layers))
+    final_norm = property(lambda self: self._final_norm)
+    classifier = property(lambda self: self._classifier)
+    argmax = property(lambda self: self._argmax)
+    id_words = property(lambda self: list(self._id_words))
+    dim = property(lambda self: self._dim)
+    n_layers = property(lambda self: len(self._layers))
+    resid_bits = property(lambda self: self._resid_bits)
+    seq_len = property(lambda self: self._seq_len)
+    vocab_size = property(lambda self: self._vocab)
+    token_bits = property(lambda self: self._token_bits)
+
+    @property
+    def mac_units(self):
+        """Multipliers of every projection and the classifier: ``sum(pe * simd)``."""
+        return (sum(layer.mac_units for layer in self._layers) +
+                self._classifier.mac_units)
+
+    def cycle_breakdown(self, pos):
+        """Cycles per stage of one token at ``pos`` (``token_out.ready`` high), keyed
+        ``embed``, ``L{i}.<stage>`` (see :meth:`DecoderLayer.cycle_breakdown`),
+        ``final_norm``, ``classifier``, ``argmax``; they add up to :meth:`cycles_per_token`."""
+        if not 0 <= pos < self._seq_len:
+            raise ValueError(f"pos ({pos}) must lie in [0, seq_len = {self._seq_len})")
+        out = {"embed": self._embedding.latency()}
+        for k, layer in enumerate(self._layers):
+            out.update({f"L{k}.{n}": c for n, c in layer.cycle_breakdown(pos).items()})
+        out["final_norm"] = self._final_norm.latency()
+        out["classifier"] = self._classifier.cycles_per_vector()
+        out["argmax"] = self._argmax.latency()
+        return out
+
+    def cycles_per_token(self, pos):
+        """Cycles from the ``token_in`` transfer of a token at position ``pos`` to the first
+        cycle its ``token_out.valid`` is high, with ``token_out.ready`` held high. The next
+        token can be taken in the cycle after the ``token_out`` transfer."""
+        return sum(self.cycle_breakdown(pos).values())
+
+    def elaborate(self, platform):
+        m = Module()
+        emb, norm, cls, amax = self._embedding, self._final_norm, self._classifier, self._argmax
+        m.submodules.embedding = emb
+        for k, layer in enumerate(self._layers):
+            m.submodules[f"layer{k}"] = layer
+        m.submodules.final_norm = norm
+        m.submodules.classifier = cls
+        m.submodules.argmax = amax
+
+        # ---- token gate: range and context checks, position, busy, error flags
+        work_pos = Signal(pos_shape(self._seq_len))    # position of the token in flight
+        tok = self.token_in.payload
+        in_vocab = tok < self._vocab
+        has_room = self.pos < self._seq_len
+        ok = in_vocab & has_room
+        idle = ~self.busy & ~self.reset_ctx
+        m.d.comb += [
+            emb.i.payload.eq(tok[:emb.token_bits]),
+            emb.i.valid.eq(self.token_in.valid & idle & ok),
+            self.token_in.ready.eq(idle & (emb.i.ready | ~ok)),
+        ]
+        with m.If(self.token_in.valid & self.token_in.ready):
+            with m.If(ok):
+                m.d.sync += [self.busy.eq(1), work_pos.eq(self.pos), self.pos.eq(self.pos + 1)]
+            with m.If(~in_vocab):
+                m.d.sync += self.err_token.eq(1)
+            with m.If(~has_room):
+                m.d.sync += self.err_context.eq(1)
+        with m.If(self.reset_ctx & ~self.busy):
+            m.d.sync += [self.pos.eq(0), self.err_token.eq(0), self.err_context.eq(0)]
+
+        # ---- datapath
+        src = emb.o
+        for layer in self._layers:
+            wiring.connect(m, src, layer.i)
+            m.d.comb += layer.pos.eq(work_pos)
+            src = layer.o
+        wiring.connect(m, src, norm.i)
+        wiring.connect(m, norm.o, cls.i)
+        wiring.connect(m, cls.o, amax.i)
+        m.d.comb += [
+            self.token_out.valid.eq(amax.o.valid),
+            self.token_out.payload.eq(amax.o.payload),
+            amax.o.ready.eq(self.token_out.ready),
+        ]
+        with m.If(self.token_out.valid & self.token_out.ready):
+            m.d.sync += self.busy.eq(0)
+
+        # ---- debug tap: the transfer of each layer's output, registered
+        m.d.sync += self.tap_valid.eq(0)
+        for k, layer in enumerate(self._layers):
+            with m.If(layer.o.valid & layer.o.ready):
+                m.d.sync += [self.tap_valid.eq(1), self.tap_layer.eq(k),
+                             self.tap_data.eq(layer.o.payload)]
+
+        # ---- ID ROM (combinational)
+        with m.Switch(self.id_addr):
+            for addr, word in enumerate(self._id_words):
+                if word:
+                    with m.Case(addr):
+                        m.d.comb += self.id_data.eq(word)
+        return m
+
