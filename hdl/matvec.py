@@ -8,7 +8,7 @@ are either a block-RAM ROM (``form="rom"``) or constant logic (``form="const"``,
 import operator
 
 import numpy as np
-from amaranth.hdl import Cat, Module, Signal, signed, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
@@ -88,11 +88,17 @@ class MatVecUnit(wiring.Component):
     ``(p*simd + s)*weight_bits``), read synchronously, so Yosys maps it to ``DP16KD`` block RAM;
     the multipliers are a ``Memory`` of ``rows/pe`` words (constants when there is one group).
     ``form="const"`` ("etched"): each lane's weight is a constant selected by the step counter
-    (a LUT ROM) and fed straight to the multiplier, one stage shorter than the ROM read; when
+    (a LUT ROM, looked up a cycle ahead into a register), one stage shorter than the ROM; when
     there is a single step (``pe == rows`` and ``simd == cols``) each product is by a literal
     constant, built as canonical-signed-digit shift-adds (LUTs and carry chains, no DSP; Yosys
     would otherwise put constant products on ``MULT18X18D``), and the requantizer multipliers
-    are literal constants too.
+    are literal constants too (a registered LUT table of ``rows/pe`` entries otherwise).
+
+    Cycles, with ``o.ready`` held high (``D = pipeline_depth``: 6 for ``"rom"``, 5 for
+    ``"const"``): ``latency() = cols/simd + D`` (input transfer to the first chunk's
+    ``o.valid``), ``cycles_per_vector() = steps + D`` (input transfer to the last chunk's
+    transfer), ``chunk_interval() = cols/simd``, ``initiation_interval() = steps`` (inputs taken
+    back to back, the next one in the cycle the last step issues).
 
     Flow control never stalls the pipeline: a row group is only started (its last column step
     issued) when the output buffer (the output register plus a small FIFO, ``buffer_depth``
@@ -261,6 +267,12 @@ class MatVecUnit(wiring.Component):
         return self.row_groups * self.col_steps
 
     @property
+    def rom_shape(self):
+        """``(depth, width)`` of the weight ROM of ``form="rom"``: ``(steps,
+        pe*simd*weight_bits)``."""
+        return self.steps, self._pe * self._simd * self._weight_bits
+
+    @property
     def mac_units(self):
         """Multipliers in the datapath: ``pe * simd``."""
         return self._pe * self._simd
@@ -382,15 +394,22 @@ class MatVecUnit(wiring.Component):
             xs = chunk
             wl = [[int(self._weights[p, s]) for s in range(S)] for p in range(P)]
         else:
+            # LUT ROM looked up one cycle ahead (by the step counter's next value) into a
+            # register, so the multipliers see a register, not a LUT tree, at no extra latency
             xs = chunk
-            wl = [[Signal(signed(wb), name=f"w{p}_{s}") for s in range(S)] for p in range(P)]
-            with m.Switch(step):
+            step_next = Signal(range(steps))
+            m.d.comb += step_next.eq(step)
+            with m.If(issue):
+                m.d.comb += step_next.eq(Mux(step == steps - 1, 0, step + 1))
+            wl = [[Signal(signed(wb), name=f"w{p}_{s}", init=int(self._weights[p, s]))
+                   for s in range(S)] for p in range(P)]
+            with m.Switch(step_next):
                 for st in range(steps):
                     gg, kk = divmod(st, K)
                     block = self._weights[gg * P:(gg + 1) * P, kk * S:(kk + 1) * S]
                     with m.Case(st):
-                        m.d.comb += [wl[p][s].eq(int(block[p, s]))
-                                     for p in range(P) for s in range(S) if block[p, s]]
+                        m.d.sync += [wl[p][s].eq(int(block[p, s]))
+                                     for p in range(P) for s in range(S)]
 
         # ---- multiply
         src = stage("mul", src)

@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
-
+from golden_vectors import rng, stories_qmodel, stories_trace
 from hardwire.compiler import numerics as nx
 from hardwire.hdl.matvec import MatVecUnit
 from hardwire.hdl.vector import Gather, Scatter
 from hardwire.sim.cocotb_runner import run_cocotb
-
-from golden_vectors import rng, stories_qmodel, stories_trace
 
 TESTS = Path(__file__).resolve().parent
 BUILD_ROOT = TESTS.parent / "build" / "cocotb"
@@ -171,8 +169,8 @@ GOOD = dict(weights=np.ones((8, 12), dtype=np.int64), weight_bits=4, mult=np.one
     (dict(weights=np.full((8, 12), 7), acc_bits=12),
      r"^accumulator of 12 bits overflows: worst case needs 15$"),
     (dict(form="etched"), r"^form must be 'rom' or 'const', not 'etched'$"),
-    (dict(weights=np.ones(12, int)), r"^weights must be a 2-D \(rows, cols\) array, not "
-                                     r"shape \(12,\)$"),
+    (dict(weights=np.ones(12, int)),
+     r"^weights must be a 2-D \(rows, cols\) array, not shape \(12,\)$"),
     (dict(weights=np.ones((8, 12)) * 0.5), r"^weights must hold integers, not float64$"),
     (dict(mult=np.ones(7, int)), r"^mult must have shape \(8,\) \(one per row\), not \(7,\)$"),
     (dict(weight_bits=9), r"^weight_bits must be between 3 and 8, not 9$"),

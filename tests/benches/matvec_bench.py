@@ -9,11 +9,19 @@ Tests: ``full_rate`` (inputs always valid, output always ready: values and cycle
 ``backpressure`` (random input gaps and output ready: values only).
 """
 
+import itertools
+
 import cocotb
 from cocotb.triggers import FallingEdge, ReadOnly
-
-from hardwire.sim.cocotb_helpers import (load_vectors, pack_signed, reset, start_clock,
-                                         stream_recv, stream_send, unpack_signed)
+from hardwire.sim.cocotb_helpers import (
+    load_vectors,
+    pack_signed,
+    reset,
+    start_clock,
+    stream_recv,
+    stream_send,
+    unpack_signed,
+)
 
 
 async def _transfers(dut, log):
@@ -61,7 +69,7 @@ async def full_rate(dut):
     measured = {
         "latency": {o[k * groups] - i[k] for k in range(n)},
         "cycles_per_vector": {o[k * groups + groups - 1] - i[k] for k in range(n)},
-        "interval": {b - a for a, b in zip(i, i[1:])},
+        "interval": {b - a for a, b in itertools.pairwise(i)},
         "chunk_interval": {o[k * groups + j + 1] - o[k * groups + j]
                            for k in range(n) for j in range(groups - 1)},
     }
