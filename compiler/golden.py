@@ -47,6 +47,12 @@ class GoldenModel:
         return nx.requantize(e.q[token], e.requant.mult[token], e.requant.shift,
                              e.requant.out_bits)
 
+    def _matmul(self, layer, m, a, trace):
+        """One layer matrix (:class:`~.quantize.QMatrix` ``m``) applied to input ``a``; the
+        hook a LoRA-extended golden model overrides."""
+        r = m.requant
+        return nx.requantize(nx.matvec(m.q, a), r.mult, r.shift, r.out_bits)
+
     def step(self, token, pos=None, *, trace=None):
         """Feed one token at ``pos`` (default: the running position); return int logits."""
         qm, c = self.qm, self.qm.config
@@ -62,9 +68,8 @@ class GoldenModel:
         t["embed"] = x
         hs, grp = c.head_size, c.kv_group
         for i, L in enumerate(qm.layers):
-            def mm(m, a):
-                r = m.requant
-                return nx.requantize(nx.matvec(m.q, a), r.mult, r.shift, r.out_bits)
+            def mm(m, a, i=i):
+                return self._matmul(i, m, a, t)
 
             xn = nx.rmsnorm(x, gain=L.attn_norm.gain, gain_shift=L.attn_norm.gain_shift,
                             eps=L.attn_norm.eps, tables=tb, out_bits=nc.act_bits)
@@ -112,10 +117,13 @@ class GoldenModel:
         return np.asarray(logits, dtype=np.float64) * self.qm.logit_scale
 
 
-def generate_golden(qm, prompt_tokens, n, *, stop_on_bos=True):
-    """Greedy generation with the golden model; returns the generated token ids."""
-    g = GoldenModel(qm)
+def generate_golden(qm, prompt_tokens, n, *, stop_on_bos=True, golden=None):
+    """Greedy generation with the golden model (or the given ``golden`` instance, e.g. one
+    with a LoRA adapter); returns the generated token ids."""
+    g = GoldenModel(qm) if golden is None else golden
     c = qm.config
+    if not prompt_tokens:
+        raise HardwireError("the prompt is empty; start it with BOS (1)")
     if len(prompt_tokens) > c.seq_len:
         raise HardwireError(f"prompt of {len(prompt_tokens)} tokens is longer than the "
                             f"context ({c.seq_len})")
