@@ -98,9 +98,20 @@ def _text(tok, prompt_tokens, tokens):
 
 def run_generation(path, *, tokenizer=None, prompt="", n=64, engine="float", wbits="8",
                    seq_len=None, clock_mhz=50.0, trace=None, fold=None, build_dir="build",
-                   progress=None):
-    """Greedy generation; returns a dict with ``prompt_tokens``, ``tokens`` and ``text``."""
+                   progress=None, lora=None):
+    """Greedy generation; returns a dict with ``prompt_tokens``, ``tokens`` and ``text``.
+
+    ``lora`` is a PEFT adapter folder: merged into the float model, or applied through the
+    integer LoRA path of the golden model.
+    """
     m = load_model(path, seq_len=seq_len)
+    adapter = None
+    if lora is not None:
+        from .lora import load_peft_adapter
+        adapter = load_peft_adapter(lora, m)
+        if engine == "rtl":
+            raise HardwireError("--lora with the rtl engine needs the chip's LoRA block, which "
+                                "is not built yet; use --engine float or golden")
     tok = find_tokenizer(m, path, tokenizer)
     pt = _prompt_tokens(tok, prompt, path)
     if len(pt) > m.config.seq_len:
@@ -108,13 +119,22 @@ def run_generation(path, *, tokenizer=None, prompt="", n=64, engine="float", wbi
                             f"({m.config.seq_len})")
     t0 = time.perf_counter()
     result = {"engine": engine, "model": m.name, "prompt_tokens": pt}
+    if lora is not None:
+        result["lora"] = str(lora)
     if engine == "float":
         from .reference import generate_greedy
+        if adapter is not None:
+            from .lora import apply_lora_float
+            m = apply_lora_float(m, adapter)
         out = generate_greedy(m, pt, n)
     elif engine == "golden":
         from .golden import generate_golden
         qm = quantize_model(m, wbits=wbits)
-        out = generate_golden(qm, pt, n)
+        golden = None
+        if adapter is not None:
+            from .lora import LoraGoldenModel, quantize_lora
+            golden = LoraGoldenModel(qm, quantize_lora(adapter, m, qm))
+        out = generate_golden(qm, pt, n, golden=golden)
         result["wbits"] = wbits_label(qm.wbits)
     elif engine == "rtl":
         from hardwire.sim.chip_sim import generate_rtl   # noqa: PLC0415 (optional layer)
