@@ -92,7 +92,77 @@ def _build_parser():
                    help="planner: at most this many multipliers in all")
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
 
+    p = sub.add_parser("synth", help="FPGA bitstream of the chip on a board, with resource "
+                       "and speed report (synth.json)")
+    _add_model_args(p)
+    p.add_argument("--board", default="ulx3s-85f", help="target board (ulx3s-85f)")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--wbits", default="8", help="weight widths (8, 4, 3/6, '4,embed=8')")
+    p.add_argument("--fold", default=None, help="folding (see compile --help; default: the "
+                   "planner's, folded further until the multipliers fit the FPGA)")
+    p.add_argument("--clock-mhz", type=_positive_float, default=50.0,
+                   help="design clock made by the PLL from 25 MHz (50)")
+    p.add_argument("--baud", type=_positive_int, default=115200, help="UART baud rate (115200)")
+    p.add_argument("--lut-mapper", choices=("auto", "abc9", "abc"), default="auto",
+                   help="Yosys LUT mapping (auto: abc9, falling back to abc)")
+    p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (1)")
+    p.add_argument("--json", action="store_true", help="print synth.json to stdout")
+
+    p = sub.add_parser("board-sim", help="simulate the whole board (UART, host link, chip); "
+                       "its serial port appears as a pty")
+    _add_model_args(p)
+    p.add_argument("--wbits", default="8", help="weight widths (8, 4, 3/6, '4,embed=8')")
+    p.add_argument("--fold", default=None, help="folding (see compile --help)")
+    p.add_argument("--baud-divisor", type=_positive_int, default=8,
+                   help="clocks per UART bit in the simulation (8)")
+    p.add_argument("--build-dir", default="build", help="where simulations are cached")
+
+    p = sub.add_parser("chat", help="generate text on a board or a board-sim pty")
+    p.add_argument("--port", required=True, help="serial port (/dev/ttyUSB0, or the pty "
+                   "printed by board-sim)")
+    p.add_argument("--tokenizer", help="llama2.c tokenizer.bin (needed for --prompt and text)")
+    p.add_argument("--prompt", default="", help="prompt text (default: start from BOS)")
+    p.add_argument("-n", type=_positive_int, default=64, help="tokens to generate (64)")
+    p.add_argument("--baud", type=_positive_int, default=115200, help="baud rate (115200)")
+    p.add_argument("--timeout", type=_positive_float, default=10.0,
+                   help="seconds to wait for each reply (10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     return ap
+
+
+def _cmd_synth(args):
+    from hardwire.fpga.synth import format_summary, synth_board
+    rep = synth_board(args.model, args.out, board=args.board, wbits=args.wbits,
+                      seq_len=args.seq_len, fold=args.fold, clock_mhz=args.clock_mhz,
+                      baud=args.baud, seed=args.seed, lut_mapper=args.lut_mapper,
+                      progress=not args.json)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print(format_summary(rep))
+        print(f"wrote {rep['bitstream']} and {args.out}/synth.json")
+
+
+def _cmd_board_sim(args):
+    from hardwire.fpga.board_sim import run_board_sim
+    run_board_sim(args.model, wbits=args.wbits, seq_len=args.seq_len, fold=args.fold,
+                  cpb=args.baud_divisor, build_dir=args.build_dir)
+
+
+def _cmd_chat(args):
+    from hardwire.fpga.host import chat
+
+    def show(piece):
+        print(piece, end="", flush=True)
+    result = chat(args.port, tokenizer=args.tokenizer, prompt=args.prompt, n=args.n,
+                  baud=args.baud, timeout=args.timeout, on_text=None if args.json else show)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print()
+        print(f"[{len(result['tokens'])} tokens in {result['seconds']:.2f} s, "
+              f"{result['tokens_per_s']:,.1f} tokens/s over the link]", file=sys.stderr)
 
 
 def _cmd_compile(args):
@@ -143,7 +213,8 @@ def _cmd_quantize(args):
 
 
 COMMANDS = {"inspect": _cmd_inspect, "run": _cmd_run, "quantize": _cmd_quantize,
-            "compile": _cmd_compile}
+            "compile": _cmd_compile, "synth": _cmd_synth, "board-sim": _cmd_board_sim,
+            "chat": _cmd_chat}
 
 
 def main(argv=None):

@@ -1,5 +1,10 @@
+# amaranth: UnusedElaboratable=no
 """The whole model as one chip: embedding ROM, one hardware decoder layer per layer, final
-norm, classifier and argmax, with a position counter, error flags, an ID ROM and a debug tap."""
+norm, classifier and argmax, with a position counter, error flags, an ID ROM and a debug tap.
+
+(The first line tells Amaranth not to warn about an argmax of a chip built only to read its
+cycle formulas.)
+"""
 
 import operator
 
@@ -14,8 +19,14 @@ from .embedding import EmbeddingROM
 from .matvec import MatVecUnit
 from .rmsnorm import RMSNorm
 
-__all__ = ["LlamaChip", "id_rom_words", "ID_MAGIC", "ID_VERSION", "ID_WORDS",
-           "WEIGHT_CLASSES"]
+__all__ = [
+    "ID_MAGIC",
+    "ID_VERSION",
+    "ID_WORDS",
+    "WEIGHT_CLASSES",
+    "LlamaChip",
+    "id_rom_words",
+]
 
 #: Word 0 of the ID ROM: ``"HWR1"`` in ASCII.
 ID_MAGIC = 0x48575231

@@ -32,13 +32,13 @@ class DecoderLayer(wiring.Component):
 
     Dataflow (``golden.GoldenModel.step``, one layer)::
 
-        x ──┬── attn_norm ──┬── wq ── RoPE ──┐
-            │               ├── wk ── RoPE ──┼── Attention(pos) ── wo ──┐
-            │               └── wv ──────────┘                          │
-            └────────────────────────────────────────────────── ResidualAdd ──> h
-        h ──┬── ffn_norm ──┬── w1 ──┐
-            │              └── w3 ──┴── SwiGLU ── w2 ──┐
-            └────────────────────────────────── ResidualAdd ──> o
+        x --+-- attn_norm --+-- wq -- RoPE --+
+            |               +-- wk -- RoPE --+-- Attention(pos) -- wo --+
+            |               +-- wv ----------+                          |
+            +---------------------------------------------------- ResidualAdd --> h
+        h --+-- ffn_norm --+-- w1 --+
+            |              +-- w3 --+-- SwiGLU -- w2 --+
+            +---------------------------------- ResidualAdd --> o
 
     Fan-out is an eager :class:`Fork` (the residual branch holds its producer's output until
     the residual add takes it); the chunks of a :class:`MatVecUnit` with more than one row

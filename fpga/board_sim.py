@@ -1,0 +1,220 @@
+"""Verilator simulation of the whole board, its UART bridged to a pseudo-terminal.
+
+:func:`build_board_sim` exports a :class:`~.board.BoardCore` (UART + host link + chip) to
+Verilog and compiles it with the driver ``sim/board_main.cpp`` into one executable, cached
+under ``<build_dir>/board/<name>-<hash12>/`` by the hash of the Verilog and the build
+options (like :mod:`hardwire.sim.chip_sim`). :class:`BoardSim` runs it: the driver opens a
+pty (``posix_openpt``) and prints its path; a host program opens that path as a serial port
+(:class:`~.host.HostLink`, ``hardwire chat --port``) exactly as it would open a real board's
+``/dev/ttyUSB0``.
+
+The simulation is clocked directly by the simulator (no PLL; see ``docs/host_link.md``) and
+uses a small UART bit period (``--baud-divisor``, default 8 clocks per bit) for speed; the
+baud rate set on the pty does not matter.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hardwire.compiler.errors import HardwireError
+from hardwire.sim.toolchain import ensure_toolchain
+
+__all__ = [
+    "SIM_CLOCKS_PER_BIT",
+    "BoardSim",
+    "board_sim_design",
+    "build_board_sim",
+    "run_board_sim",
+]
+
+_FORMAT = 1
+#: Default UART bit period of the simulation (clocks per bit).
+SIM_CLOCKS_PER_BIT = 8
+#: Nominal clock reported by INFO in simulation.
+SIM_CLOCK_HZ = 50_000_000
+
+
+def _driver_path():
+    import hardwire.sim  # the C++ driver ships with hardwire.sim (package data)
+    return Path(hardwire.sim.__file__).with_name("board_main.cpp")
+
+
+def _say(progress, msg):
+    if progress is not None:
+        print(f"[hardwire] {msg}", file=progress, flush=True)
+
+
+def sim_timeout_cycles(cpb):
+    """Host link inter-byte timeout in simulation: 64 byte times."""
+    return 64 * 10 * cpb
+
+
+def build_board_sim(verilog, *, name, build_dir="build", progress=None):
+    """Compile a board's Verilog (top module ``top``) with the pty driver; return the
+    executable's path (cached by content hash)."""
+    env = ensure_toolchain()
+    driver = _driver_path().read_text()
+    opts = {"format": _FORMAT, "cflags": "-O1"}
+    h = hashlib.sha256()
+    for part in (verilog, driver, json.dumps(opts, sort_keys=True)):
+        h.update(part.encode())
+    out = Path(build_dir) / "board" / f"{name}-{h.hexdigest()[:12]}"
+    exe = out / "obj" / "boardsim"
+    if exe.is_file():
+        _say(progress, f"board simulation cached: {out}")
+        return exe
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "board.v").write_text(verilog)
+    (tmp / "board_main.cpp").write_text(driver)
+    jobs = str(min(2, os.cpu_count() or 1))
+    cmd = ["verilator", "--cc", "--exe", "--build", "-j", jobs, "-Wno-fatal", "-Wno-lint",
+           "-Wno-style", "--x-assign", "fast", "--x-initial", "fast", "--top-module", "top",
+           "--prefix", "Vboard", "-Mdir", "obj", "-o", "boardsim", "-CFLAGS", opts["cflags"],
+           "board.v", "board_main.cpp"]
+    _say(progress, f"building the Verilator board simulation of {name} (one-time, cached) ...")
+    t0 = time.perf_counter()
+    log = tmp / "build.log"
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT,
+                           check=False)
+    if r.returncode != 0:
+        raise HardwireError(f"Verilator build failed (exit {r.returncode}); see {log}")
+    if out.exists():                     # built meanwhile by another process
+        shutil.rmtree(tmp, ignore_errors=True)
+        return exe
+    tmp.rename(out)
+    _say(progress, f"built in {time.perf_counter() - t0:.1f} s")
+    return exe
+
+
+class BoardSim:
+    """A running board simulation; :attr:`port` is the pty to open as a serial port."""
+
+    def __init__(self, exe, *, cpb=SIM_CLOCKS_PER_BIT, idle_cycles=256, log=None):
+        args = [str(exe), "--cpb", str(cpb), "--idle-cycles", str(idle_cycles),
+                "--stdin-eof-quits"]
+        self._p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=log if log is not None else subprocess.DEVNULL,
+                                   text=True, bufsize=1)
+        self.port = None
+        line = self._p.stdout.readline().split()
+        if len(line) == 2 and line[0] == "PTY":
+            self.port = line[1]
+            line = self._p.stdout.readline().split()
+        if self.port is None or line != ["READY"]:
+            self.close()
+            raise HardwireError(f"board simulation did not start ({' '.join(line)!r})")
+
+    @property
+    def running(self):
+        return self._p.poll() is None
+
+    def wait(self):
+        return self._p.wait()
+
+    def close(self):
+        if self._p.poll() is None:
+            try:
+                self._p.stdin.close()          # --stdin-eof-quits
+                self._p.wait(timeout=10)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self._p.terminate()
+                try:
+                    self._p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._p.kill()
+                    self._p.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def board_sim_design(qm, *, fold=None, cpb=SIM_CLOCKS_PER_BIT):
+    """The :class:`~.design.BoardDesign` simulated for ``qm``: nominal 50 MHz clock, ``cpb``
+    clocks per UART bit, a 64-byte-time inter-byte timeout."""
+    from .design import board_design
+    return board_design(qm, fold=fold, clock_hz=SIM_CLOCK_HZ, cpb=cpb,
+                        timeout_cycles=sim_timeout_cycles(cpb), target="sim")
+
+
+def _sources_digest():
+    """Hash of the Python sources a board design is generated from (for the export cache)."""
+    import amaranth
+    import hardwire.compiler
+    import hardwire.fpga
+    import hardwire.hdl
+    h = hashlib.sha256(amaranth.__version__.encode())
+    for pkg in (hardwire.hdl, hardwire.fpga):
+        for src in sorted(Path(pkg.__file__).parent.glob("*.py")):
+            h.update(src.name.encode() + src.read_bytes())
+    comp = Path(hardwire.compiler.__file__).parent
+    for name in ("chip_builder.py", "plan.py"):
+        if (comp / name).is_file():
+            h.update(name.encode() + (comp / name).read_bytes())
+    return h.hexdigest()
+
+
+def board_sim_verilog(qm, *, fold=None, cpb=SIM_CLOCKS_PER_BIT, build_dir="build",
+                      progress=None):
+    """``(name, verilog)`` of the simulated board for ``qm``. Elaborating a chip takes a
+    while, so the export is cached under ``<build_dir>/board/_verilog`` by the datapath
+    digest, the options and the generating sources."""
+    from hardwire.compiler.chip_builder import chip_name
+    from hardwire.sim.cocotb_runner import export_verilog
+    key = hashlib.sha256(json.dumps({"digest": qm.digest(), "fold": fold, "cpb": cpb,
+                                     "sources": _sources_digest()}, sort_keys=True).encode())
+    name = chip_name(qm)
+    path = Path(build_dir) / "board" / "_verilog" / f"{name}-{key.hexdigest()[:16]}.v"
+    if path.is_file():
+        return name, path.read_text()
+    t0 = time.perf_counter()
+    design = board_sim_design(qm, fold=fold, cpb=cpb)
+    verilog = export_verilog(design.core, "top")
+    _say(progress, f"elaborated the board around {name} in {time.perf_counter() - t0:.1f} s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(verilog)
+    tmp.replace(path)
+    return name, verilog
+
+
+def start_board_sim(qm, *, fold=None, cpb=SIM_CLOCKS_PER_BIT, build_dir="build",
+                    progress=None, log=None):
+    """Build (cached) and start the board simulation of ``qm``; returns a :class:`BoardSim`."""
+    name, verilog = board_sim_verilog(qm, fold=fold, cpb=cpb, build_dir=build_dir,
+                                      progress=progress)
+    exe = build_board_sim(verilog, name=name, build_dir=build_dir, progress=progress)
+    return BoardSim(exe, cpb=cpb, log=log)
+
+
+def run_board_sim(path, *, wbits="8", seq_len=None, fold=None, cpb=SIM_CLOCKS_PER_BIT,
+                  build_dir="build", progress=sys.stderr, out=sys.stdout):
+    """``hardwire board-sim``: build, start, print the pty path, run until interrupted."""
+    from hardwire.compiler.loaders import load_model
+    from hardwire.compiler.quantize import quantize_model
+    if cpb < 4:
+        raise HardwireError(f"--baud-divisor ({cpb}) must be at least 4 clocks per bit")
+    model = load_model(path, seq_len=seq_len)
+    qm = quantize_model(model, wbits=wbits)
+    with start_board_sim(qm, fold=fold, cpb=cpb, build_dir=build_dir, progress=progress,
+                         log=None) as sim:
+        print(sim.port, file=out, flush=True)
+        _say(progress, f"board simulation of {model.name} on {sim.port}: connect with "
+                       f"`hardwire chat --port {sim.port}`; Ctrl-C stops it")
+        try:
+            while sim.running:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0

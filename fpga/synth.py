@@ -1,0 +1,316 @@
+"""``hardwire synth``: a model as a ULX3S (ECP5-85F) bitstream, with a resource and speed
+report.
+
+:func:`synth_board` loads and quantizes the model, builds the board design
+(:func:`~.design.board_design`: PLL, UART, host link, chip), lets Amaranth's
+``ULX3S_85F_Platform`` prepare the build (RTLIL of the whole board top and the LPF with the
+board's pins: what ``platform.build()`` would feed the tools) and runs
+:func:`~.flow.synthesize_rtlil` (yowasp Yosys ``synth_ecp5`` -> nextpnr-ecp5 ``--85k
+--package CABGA381`` -> ecppack). It writes ``OUT/<name>.bit`` and ``OUT/synth.json``:
+LUT4, FF, DP16KD, MULT18X18D (used and available), Fmax per clock, and tokens/s.
+
+Tokens/s is ``Fmax / mean cycles per token`` over a generation of 256 tokens (or the
+context, if shorter), the cycles from ``LlamaChip.cycles_per_token(pos)``: the formula the
+chip's RTL testbench (``tests/test_chip.py``) checks cycle-exactly against simulation.
+
+Weight ROMs are checked: every ``weight_rom`` (matrix units of form ``rom``) and the
+embedding ROM must be mapped to ``DP16KD`` block RAM (matrices planned as ``const`` are
+logic by design and have no ROM); a ROM Yosys turned into flip-flops/logic fails the build
+loudly, and so does a DP16KD count below ``ROM bits / 18 Kbit``.
+"""
+
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+from hardwire.compiler.errors import HardwireError
+
+from .flow import synthesize_rtlil
+
+__all__ = ["BOARDS", "check_roms", "cycles_summary", "synth_board", "synth_qmodel"]
+
+#: Supported boards: name -> (amaranth-boards platform class name, nextpnr device flag).
+BOARDS = {"ulx3s-85f": ("ULX3S_85F_Platform", "85k")}
+#: Bits per DP16KD (18 Kbit).
+DP16KD_BITS = 18 * 1024
+_WEIGHT_ROM = re.compile(r"(^|\.)weight_rom$")
+#: Weight ROMs go to block RAM however small (Yosys would put small ones in logic).
+ROM_ATTRS = (("n:*weight_rom", "rom_style", "block"), ("n:*embedding.rom", "rom_style", "block"))
+_EMBED_ROM = re.compile(r"(^|\.)embedding\.rom$")
+
+
+_CONST = re.compile(r"^(\d+)'([01xz]+)$")
+
+
+def estimate_dsps(rtlil_text):
+    """MULT18X18D blocks Yosys will use for the ``$mul`` cells of an RTLIL design (without
+    running it): multipliers with the same operands in the same module are merged (as
+    Yosys' ``opt_merge`` does); each one with both operands of 2+ bits takes
+    ``ceil(a/18) * ceil(b/18)`` blocks; a multiplication by a constant power of two is a
+    shift and takes none."""
+    seen = set()
+    total = 0
+    module, cell = None, None
+    for line in rtlil_text.splitlines():
+        s = line.strip()
+        if s.startswith("module "):
+            module = s.split()[1]
+        elif s.startswith("cell "):
+            cell = {} if s.startswith("cell $mul ") else None
+        elif cell is not None:
+            if s.startswith("parameter "):
+                _, name, value = s.split(maxsplit=2)
+                cell[name] = value
+            elif s.startswith("connect "):
+                _, port, sig = s.split(maxsplit=2)
+                cell[port] = sig
+            elif s == "end":
+                key = (module, tuple(sorted(cell.items())))
+                a, b = int(cell.get("\\A_WIDTH", 0)), int(cell.get("\\B_WIDTH", 0))
+                consts = [_CONST.match(cell.get(p, "")) for p in ("\\A", "\\B")]
+                pow2 = any(c and set(c.group(2)) <= {"0", "1"} and c.group(2).count("1") <= 1
+                           for c in consts)
+                cell.pop("\\Y", None)
+                key = (module, tuple(sorted(cell.items())))
+                if key not in seen and not pow2 and min(a, b) >= 2:
+                    total += math.ceil(a / 18) * math.ceil(b / 18)
+                seen.add(key)
+                cell = None
+    return total
+
+
+def _say(progress, msg):
+    if progress:
+        print(f"[hardwire.fpga] {msg}", file=sys.stderr, flush=True)
+
+
+def cycles_summary(chip, n_tokens=256):
+    """Mean/min/max of ``chip.cycles_per_token(pos)`` over positions ``0..n-1`` (``n`` =
+    ``n_tokens`` capped by the context)."""
+    n = max(1, min(n_tokens, chip.seq_len))
+    cyc = [chip.cycles_per_token(pos) for pos in range(n)]
+    return {"tokens": n, "mean": sum(cyc) / n, "min": min(cyc), "max": max(cyc),
+            "source": "LlamaChip.cycles_per_token(pos) formula, checked cycle-exactly "
+                      "against RTL simulation by tests/test_chip.py"}
+
+
+def check_roms(memories, *, expected_roms, rom_bits, dp16kd_used):
+    """Weight ROM placement check (see the module docstring). Returns a report dict with
+    ``ok`` and ``problems``."""
+    roms = {name: cell for name, cell in memories.items()
+            if _WEIGHT_ROM.search(name) or _EMBED_ROM.search(name)}
+    problems = []
+    for name, cell in sorted(roms.items()):
+        if "DP16KD" not in cell:
+            how = "flip-flops/logic" if cell == "FF" else cell
+            problems.append(f"weight ROM {name} was mapped to {how}, not DP16KD block RAM")
+    if len(roms) < expected_roms:
+        problems.append(f"Yosys mapped {len(roms)} weight ROMs, the plan has {expected_roms}")
+    need = math.ceil(rom_bits / DP16KD_BITS)
+    if dp16kd_used < need:
+        problems.append(f"{dp16kd_used} DP16KD hold fewer than the {rom_bits:,} ROM bits "
+                        f"(at least {need} blocks)")
+    return {"ok": not problems, "problems": problems, "weight_roms": roms,
+            "expected_weight_roms": expected_roms, "rom_bits": rom_bits,
+            "min_dp16kd": need, "dp16kd_used": dp16kd_used}
+
+
+def _platform(board):
+    if board not in BOARDS:
+        raise HardwireError(f"unknown board {board!r}; supported: {', '.join(BOARDS)}")
+    from amaranth_boards import ulx3s
+    cls_name, device = BOARDS[board]
+    return getattr(ulx3s, cls_name)(), device
+
+
+def _sync_fmax(fmax, clock_names=("sync", "clk")):
+    """Fmax of the design clock: the clock net named like the ``sync`` domain, else the
+    slowest clock other than the 25 MHz pin."""
+    for key in fmax:
+        if any(n in key for n in clock_names) and "clk25" not in key:
+            return key, fmax[key]
+    others = {k: v for k, v in fmax.items() if "clk25" not in k} or fmax
+    key = min(others, key=others.get) if others else None
+    return key, (others[key] if key else 0.0)
+
+
+#: The most folded plan: every matrix 1x1, one lane per block.
+MOST_FOLDED = "target=1000000000"
+
+
+class _Build:
+    """One elaborated candidate: the board design, its top, RTLIL, LPF, DSP estimate."""
+
+    def __init__(self, qm, fold, *, platform, clock_mhz, baud, build_dir):
+        from .design import board_design
+        t0 = time.monotonic()
+        self.fold = fold
+        self.design = board_design(qm, fold=fold, clock_hz=clock_mhz * 1e6, baud=baud,
+                                   target="ulx3s")
+        self.top = self.design.ulx3s()
+        name = self.design.name
+        plan = platform.build(self.top, name=name, build_dir=str(build_dir), do_build=False)
+        self.il, self.lpf = plan.files[f"{name}.il"], plan.files[f"{name}.lpf"]
+        self.dsps = estimate_dsps(self.il)
+        self.seconds = time.monotonic() - t0
+
+
+def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress):
+    """Elaborate the board for ``fold``, or (``fold=None``) choose the least folded plan
+    whose multipliers fit the device's MULT18X18D blocks. Returns ``(build, fit report)``."""
+    from hardwire.compiler.plan import attention_mac_units, mac_units, plan_chip
+
+    from .flow import DEVICE_BLOCKS
+    avail = DEVICE_BLOCKS[device]["MULT18X18D"]
+    board_name = f"{platform.device} ({avail} MULT18X18D)"
+    tried = []
+
+    def build(f):
+        _say(progress, f"elaborating the board top ({'fold ' + f if f else 'planned fold'}) "
+                       "...")
+        b = _Build(qm, f, platform=platform, clock_mhz=clock_mhz, baud=baud,
+                   build_dir=build_dir)
+        tried.append({"fold": f, "dsp_estimate": b.dsps})
+        _say(progress, f"  {b.dsps} MULT18X18D estimated ({avail} available); "
+                       f"elaborated in {b.seconds:.1f} s")
+        return b
+
+    def report(b, how):
+        return {"fold": b.fold, "chosen": how, "dsp_estimate": b.dsps, "dsp_available": avail,
+                "tried": tried}
+
+    if fold is not None:
+        b = build(fold)
+        return b, report(b, "--fold")
+    most = build(MOST_FOLDED)
+    if most.dsps > avail:
+        pm = most.design.plan
+        raise HardwireError(
+            f"{qm.name} does not fit the {board_name}: even the most folded "
+            f"plan needs about {most.dsps} MULT18X18D (projections and classifier "
+            f"{mac_units(pm)}, attention lanes {attention_mac_units(pm)}, the rest in the "
+            f"per-layer datapath: requantizers, norms, RoPE, softmax), the FPGA has {avail}")
+    pm = most.design.plan
+    other = most.dsps - mac_units(pm) - attention_mac_units(pm)
+    default = plan_chip(qm)
+    if other + mac_units(default) + attention_mac_units(default) <= avail:
+        b = build(None)
+        if b.dsps <= avail:
+            return b, report(b, "planner default (fits)")
+    budget = avail - other - attention_mac_units(pm)
+    for _ in range(3):
+        if budget <= mac_units(pm):
+            break
+        try:
+            b = build(f"macs={budget}")
+        except HardwireError:
+            break
+        if b.dsps <= avail:
+            return b, report(b, f"folded to fit {avail} MULT18X18D")
+        budget -= b.dsps - avail
+    return most, report(most, "most folded (fits)")
+
+
+def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, baud=115200,
+                 seed=1, lut_mapper="auto", progress=True, timeout_s=None, gen_tokens=256,
+                 nextpnr_opts=(), extra=None):
+    """Synthesize the board design of a :class:`QuantizedModel` into ``out_dir``."""
+    from hardwire.compiler.plan import rom_bits
+    from hardwire.compiler.quantize import wbits_label
+
+    t0 = time.monotonic()
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    platform, device = _platform(board)
+    b, fit = _fit(qm, fold, platform=platform, device=device, clock_mhz=clock_mhz, baud=baud,
+                  build_dir=out / "amaranth", progress=progress)
+    design, top, name = b.design, b.top, b.design.name
+    il = out / f"{name}.il"
+    lpf = out / f"{name}.lpf"
+    il.write_text(b.il)
+    lpf.write_text(b.lpf)
+    t_elab = time.monotonic() - t0
+    _say(progress, f"wrote {il.name} ({il.stat().st_size / 1e6:.1f} MB) and {lpf.name}; "
+                   f"plan: {design.plan.summary().splitlines()[0]}")
+
+    flow = synthesize_rtlil(il, out_dir=out, top=name, device=device, package="CABGA381",
+                            speed="6", lpf=lpf, freq_mhz=design.clock_hz / 1e6,
+                            progress=progress, seed=seed, timeout_s=timeout_s,
+                            lut_mapper=lut_mapper, ecppack_opts=("--compress",),
+                            bitstream_name=f"{name}.bit", memory_attrs=ROM_ATTRS,
+                            nextpnr_opts=nextpnr_opts)
+
+    bits = rom_bits(qm, design.plan)
+    expected = sum(1 for k, v in bits.items() if k != "total" and v > 0)
+    util = flow["utilization"]
+    roms = check_roms(flow["memories"], expected_roms=expected, rom_bits=bits["total"],
+                      dp16kd_used=util.get("DP16KD", 0))
+    cyc = cycles_summary(design.chip, gen_tokens)
+    clk_name, fmax = _sync_fmax(flow["fmax_mhz"])
+    clock = design.clock_hz / 1e6
+    frame_bits = 10 * (5 + 3 + 2)       # one GENERATE token frame, 8N1
+    avail = flow["available"]
+    summary = {
+        "board": board, "device": flow["device"], "package": flow["package"],
+        "name": name, "model": qm.name, "model_hash": qm.model_hash,
+        "config": qm.config.to_dict(), "wbits": wbits_label(qm.wbits),
+        "plan": design.plan.summary(), "fit": fit,
+        "clock_mhz": clock, "pll": {"clki_div": top.pll.clki_div, "clkfb_div": top.pll.clkfb_div,
+                                    "clkop_div": top.pll.clkop_div, "vco_mhz": top.pll.f_vco_mhz},
+        "baud": baud, "baud_actual": round(design.clock_hz / design.clocks_per_bit),
+        "clocks_per_bit": design.clocks_per_bit, "build_id": f"{design.build_id:08x}",
+        "LUT4": util.get("LUT4", 0), "FF": util.get("TRELLIS_FF", 0),
+        "DP16KD": util.get("DP16KD", 0), "MULT18X18D": util.get("MULT18X18D", 0),
+        "available": {"LUT4": avail.get("TRELLIS_COMB", 0), "FF": avail.get("TRELLIS_FF", 0),
+                      "DP16KD": avail.get("DP16KD", 0),
+                      "MULT18X18D": avail.get("MULT18X18D", 0)},
+        "fmax_mhz": flow["fmax_mhz"], "design_clock_net": clk_name, "fmax_design_mhz": fmax,
+        "timing_met": fmax >= clock,
+        "cycles_per_token": cyc,
+        "tokens_per_s": round(fmax * 1e6 / cyc["mean"], 1) if fmax else 0.0,
+        "tokens_per_s_at_clock": round(clock * 1e6 / cyc["mean"], 1),
+        "link_tokens_per_s": round(design.clock_hz / design.clocks_per_bit / frame_bits, 1),
+        "rom_check": roms,
+        "utilization": util, "memories": flow["memories"], "lut_mapper": flow["lut_mapper"],
+        "bitstream": flow["bitstream"], "rtlil": str(il), "lpf": str(lpf),
+        "logs": flow["logs"],
+        "times_s": {"elaborate": round(t_elab, 2), **flow["times_s"],
+                    "total": round(time.monotonic() - t0, 2)},
+        "tool_versions": flow["tool_versions"],
+        **(extra or {}),
+    }
+    (out / "synth.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if not roms["ok"]:
+        raise HardwireError("weight ROM check failed: " + "; ".join(roms["problems"]) +
+                            f"; see {out / 'synth.json'} and {flow['logs']['yosys']}")
+    _say(progress, format_summary(summary))
+    return summary
+
+
+def format_summary(s):
+    return (f"{s['name']} on {s['board']}: LUT4 {s['LUT4']:,}/{s['available']['LUT4']:,}, "
+            f"FF {s['FF']:,}, DP16KD {s['DP16KD']}/{s['available']['DP16KD']}, MULT18X18D "
+            f"{s['MULT18X18D']}/{s['available']['MULT18X18D']}; Fmax {s['fmax_design_mhz']:.1f}"
+            f" MHz (clock {s['clock_mhz']:g} MHz{'' if s['timing_met'] else ', NOT MET'}); "
+            f"{s['cycles_per_token']['mean']:,.0f} cycles/token -> {s['tokens_per_s']:,.0f} "
+            f"tokens/s at Fmax (UART link limit {s['link_tokens_per_s']:,.0f}/s); "
+            f"{s['times_s']['total']:.0f} s")
+
+
+def synth_board(path, out_dir, *, board="ulx3s-85f", wbits="8", seq_len=None, fold=None,
+                clock_mhz=50.0, baud=115200, seed=1, lut_mapper="auto", progress=True,
+                timeout_s=None):
+    """``hardwire synth MODEL --board ulx3s-85f -o OUT``: returns the synth.json summary."""
+    from hardwire.compiler.loaders import load_model
+    from hardwire.compiler.quantize import quantize_model
+    t0 = time.monotonic()
+    _platform(board)                    # fail early on a bad board name
+    model = load_model(path, seq_len=seq_len)
+    qm = quantize_model(model, wbits=wbits)
+    _say(progress, f"quantized {model.name} in {time.monotonic() - t0:.1f} s")
+    return synth_qmodel(qm, out_dir, board=board, fold=fold, clock_mhz=clock_mhz, baud=baud,
+                        seed=seed, lut_mapper=lut_mapper, progress=progress,
+                        timeout_s=timeout_s, extra={"model_file": str(path)})
