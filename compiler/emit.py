@@ -13,7 +13,7 @@ from pathlib import Path
 from .chip_builder import build_chip, chip_name
 from .errors import HardwireError
 from .loaders import load_model
-from .plan import mac_units, plan_chip, predict_cycles
+from .plan import attention_mac_units, mac_units, plan_chip, predict_cycles
 from .quantize import quantize_model, wbits_label
 
 __all__ = ["compile_model", "chip_report", "format_report", "REPORT_POSITIONS"]
@@ -28,7 +28,8 @@ def chip_report(qm, plan, *, name):
     macs_per_token = sum(int(m.q.size) for L in qm.layers
                          for m in (L.wq, L.wk, L.wv, L.wo, L.w1, L.w3, L.w2))
     macs_per_token += int(qm.classifier.q.size)
-    units = mac_units(plan)
+    units = {"matrices": mac_units(plan), "attention": attention_mac_units(plan)}
+    units["total"] = units["matrices"] + units["attention"]
     by_pos = {}
     for pos in REPORT_POSITIONS:
         if pos >= c.seq_len:
@@ -47,9 +48,20 @@ def chip_report(qm, plan, *, name):
                      "silu_bits": qm.numerics.silu_bits},
         "rom_bits": rom, "rom_bits_total": int(sum(rom.values())),
         "kv_cache_bits": int(2 * c.n_layers * c.seq_len * c.kv_dim * qm.numerics.qkv_bits),
-        "plan": plan.to_dict(), "mac_units": units,
+        "plan": _plan_dict(plan), "mac_units": units,
         "macs_per_token_matrices": macs_per_token,
         "cycles_per_token": by_pos,
+    }
+
+
+def _plan_dict(plan):
+    return {
+        "matrices": {k: {"pe": f.pe, "simd": f.simd, "form": f.form, "steps": f.steps}
+                     for k, f in plan.matrices.items()},
+        "head_lanes": plan.head_lanes, "norm_lanes": plan.norm_lanes,
+        "rope_lanes": plan.rope_lanes, "swiglu_lanes": plan.swiglu_lanes,
+        "embed_lanes": plan.embed_lanes, "argmax_lanes": plan.argmax_lanes,
+        "summary": plan.summary().splitlines(),
     }
 
 
@@ -85,12 +97,12 @@ def compile_model(path, out_dir, *, wbits="8", seq_len=None, fold=None, target_c
     t0 = time.perf_counter()
     model = load_model(path, seq_len=seq_len)
     qm = quantize_model(model, wbits=wbits)
-    say(f"quantized {model.name} ({wbits_label(qm.wbits)}-bit weights) in "
-        f"{time.perf_counter() - t0:.1f} s")
     try:
         plan = plan_chip(qm, fold=fold, target_cycles=target_cycles, mac_budget=mac_budget)
     except ValueError as e:
-        raise HardwireError(f"--fold/--target-cycles: {e}") from None
+        raise HardwireError(f"{e}") from None
+    say(f"quantized {model.name} ({wbits_label(qm.wbits)}-bit weights) and planned in "
+        f"{time.perf_counter() - t0:.1f} s")
     name = chip_name(qm)
     t1 = time.perf_counter()
     chip = build_chip(qm, plan)

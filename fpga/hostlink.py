@@ -26,6 +26,7 @@ from typing import ClassVar
 from amaranth.hdl import Cat, Const, Module, Signal, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
+
 from hardwire.hdl.arith import pos_shape
 
 from . import protocol as P

@@ -102,13 +102,14 @@ def public_ports(verilog, toplevel):
 _INIT_LINE = re.compile(r"^    (\\\S+ |[A-Za-z_][\w$]*)\[(\d+)\] = \d+'([hd])([0-9a-fA-F]+);$")
 
 
-def rom_files(verilog, stem):
-    """Move memory initial values into ``$readmemh`` files ``<stem>.<k>.hex``.
+def rom_files(verilog, directory):
+    """Move memory initial values into ``$readmemh`` files in ``directory``.
 
     The export spells every ROM word as an ``initial`` assignment, which Verilator turns into
     as many C++ statements (about a third of the chip's C++, compiled for nothing but
-    start-up); a file read at start-up is the same contents. Returns ``(verilog, {path:
-    text})``.
+    start-up); a file read at start-up is the same contents. Files are named by their
+    contents, so the Verilog (and the build hash) depends on the ROM contents only. Returns
+    ``(verilog, {path: text})``.
     """
     out, files, block = [], {}, None
     for line in verilog.splitlines(keepends=True):
@@ -122,10 +123,11 @@ def rom_files(verilog, stem):
         if line == "  end\n" or not m:
             names = {b[0] for b in block}
             if line == "  end\n" and len(names) == 1 and block:
-                path = f"{stem}.{len(files)}.hex"
-                files[path] = "".join(
-                    f"@{idx:x} {int(val, 16 if base == 'h' else 10):x}\n"
-                    for _, idx, base, val, _ in block)
+                text = "".join(f"@{idx:x} {int(val, 16 if base == 'h' else 10):x}\n"
+                               for _, idx, base, val, _ in block)
+                digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+                path = f"{Path(directory).absolute()}/rom-{digest}.hex"
+                files[path] = text
                 out.append(f'  initial $readmemh("{path}", {names.pop()});\n')
             else:       # not a plain memory initialisation: keep it as it was
                 out.append("  initial begin\n")
@@ -155,7 +157,8 @@ def chip_verilog(qm, plan):
             all(Path(p).is_file() for p in index.read_text().split())):
         path.parent.mkdir(parents=True, exist_ok=True)
         verilog, files = rom_files(public_ports(export_verilog(SimTop(chip), name), name),
-                                   path.with_suffix(""))
+                                   VERILOG_CACHE / "roms")
+        (VERILOG_CACHE / "roms").mkdir(exist_ok=True)
         for p, text in files.items():
             Path(p).write_text(text)
         index.write_text("\n".join(files))
@@ -298,13 +301,13 @@ def test_stories260k_cycle_formula(stories_chip):
 TINY = {
     # MHA (kv ratio 1), odd hidden size, non-power-of-two vocab, separate classifier
     "mha": (dict(dim=24, n_layers=2, n_heads=3, n_kv_heads=3, hidden_dim=43, vocab_size=37,
-                 seq_len=8, shared_classifier=False), None),
+                 seq_len=8, shared_classifier=False), "swiglu=1"),
     # GQA ratio 2, shared classifier, attention one head at a time, a constant-logic matrix
     "gqa2": (dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=40,
                   seq_len=8), "attn=1,wq=4x4:const,w2=2x8"),
     # GQA ratio 4, power-of-two vocab (the spare token bit), a single row group for wk/wv
-    "gqa4": (dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=1, hidden_dim=40, vocab_size=64,
-                  seq_len=8, shared_classifier=False), "target=32,wk=8x4,wv=8x4,attn=2"),
+    "gqa4": (dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=1, hidden_dim=40, vocab_size=64,
+                  seq_len=8, shared_classifier=False), "target=64,wk=8x4,wv=8x4,attn=2"),
 }
 
 
@@ -367,7 +370,7 @@ def test_tiny_amaranth_sim():
 
 def test_tiny_negative_control():
     qm = tiny_qmodel("mha")
-    chip, verilog = chip_verilog(qm, plan_chip(qm))
+    chip, verilog = chip_verilog(qm, plan_chip(qm, fold=TINY["mha"][1]))
     run(chip, verilog, Script(qm, chip).feed(1).feed_own(2), perturb="tap",
         expect_failure=True)
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from hardwire.compiler.golden import generate_golden
 from hardwire.compiler.loaders import load_model
 from hardwire.compiler.loaders.llama2c import save_llama2c

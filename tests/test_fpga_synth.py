@@ -11,6 +11,7 @@ import pytest
 from amaranth.hdl import Module, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
+
 from hardwire.compiler.errors import HardwireError
 from hardwire.compiler.loaders.random import random_model
 from hardwire.compiler.plan import plan_chip, rom_bits

@@ -11,6 +11,7 @@ combinational 64-word ID ROM.
 from amaranth.hdl import Module, Signal, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
+
 from hardwire.hdl.arith import pos_shape
 
 __all__ = ["ChipDouble", "DoubleModel", "double_next"]
