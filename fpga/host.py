@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import codecs
 import struct
 import time
 
@@ -242,12 +243,19 @@ def chat(port, *, tokenizer=None, prompt="", n=64, baud=115200, timeout=10.0,
         n = min(int(n), cfg["seq_len"] - len(pt) + 1)
         link.reset()
         out, prev = [], pt[-1]
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        if on_text is not None and tok is not None and len(pt) > 1:
+            on_text(tok.decode_all(list(pt[1:]), prev=BOS))
 
         def emit(t):
             nonlocal prev
             out.append(t)
             if on_text is not None:
-                on_text(tok.decode(prev, t) if tok is not None else f"{t} ")
+                if tok is None:
+                    on_text(f"{t} ")
+                else:
+                    piece = tok.decode(prev, t)
+                    on_text(utf8.decode(piece) if isinstance(piece, bytes) else piece)
             prev = t
 
         t1 = time.perf_counter()

@@ -44,3 +44,18 @@ def test_compile_bad_fold_is_one_line_exit_2(tiny_bin, tmp_path):
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists()          # no half-written output
+
+
+def test_run_rtl_engine_matches_golden(tiny_bin, tmp_path):
+    """`hardwire run --engine rtl --json`: the Verilated chip's tokens equal the golden model's,
+    with a cycle count per token fed."""
+    def run(engine):
+        p = subprocess.run([sys.executable, "-m", "hardwire", "run", str(tiny_bin), "-n", "8",
+                            "--engine", engine, "--json", "--build-dir", str(tmp_path)],
+                           capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+    rtl, golden = run("rtl"), run("golden")
+    assert rtl["tokens"] == golden["tokens"] and rtl["prompt_tokens"] == [1]
+    assert len(rtl["cycles"]) == len(rtl["tokens"])
+    assert all(b > a for a, b in zip(rtl["cycles"], rtl["cycles"][1:]))   # attention grows
