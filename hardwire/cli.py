@@ -69,6 +69,16 @@ def _build_parser():
     p.add_argument("--trace", help="rtl engine: write a waveform (.fst or .vcd)")
     p.add_argument("--fold", default=None, help="rtl engine: folding (see compile --help)")
     p.add_argument("--build-dir", default="build", help="where simulations are cached")
+    p.add_argument("--lora", default=None, help="PEFT adapter folder (float and golden engines)")
+
+    p = sub.add_parser("lora", help="LoRA adapters: pack a PEFT adapter into a chip image")
+    lsub = p.add_subparsers(dest="lora_command", metavar="ACTION", parser_class=_Parser,
+                            required=True)
+    lp = lsub.add_parser("pack", help="validate and quantize a PEFT adapter into image.bin")
+    lp.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + safetensors)")
+    lp.add_argument("--model", required=True, help="the base model the chip was compiled from")
+    lp.add_argument("--wbits", default="8", help="the chip's weight widths")
+    lp.add_argument("-o", "--out", required=True, help="image file to write")
 
     p = sub.add_parser("quantize", help="quantize and report agreement with the float model")
     _add_model_args(p)
@@ -191,7 +201,7 @@ def _cmd_run(args):
     result = api.run_generation(
         args.model, tokenizer=args.tokenizer, prompt=args.prompt, n=args.n, engine=args.engine,
         wbits=args.wbits, seq_len=args.seq_len, clock_mhz=args.clock_mhz, trace=args.trace,
-        fold=args.fold, build_dir=args.build_dir,
+        fold=args.fold, build_dir=args.build_dir, lora=args.lora,
         progress=None if args.json else sys.stderr)
     if args.json:
         print(json.dumps(result))
@@ -212,7 +222,16 @@ def _cmd_quantize(args):
     print(json.dumps(rep, indent=2) if args.json else api.format_quality(rep))
 
 
-COMMANDS = {"inspect": _cmd_inspect, "run": _cmd_run, "quantize": _cmd_quantize,
+def _cmd_lora(args):
+    from hardwire.compiler.loaders import load_model
+    from hardwire.compiler.lora_image import pack_lora, write_image
+    model = load_model(args.model)
+    data = pack_lora(args.adapter, model, wbits=args.wbits)
+    write_image(args.out, data)
+    print(f"wrote {args.out} ({len(data):,} bytes)")
+
+
+COMMANDS = {"lora": _cmd_lora, "inspect": _cmd_inspect, "run": _cmd_run, "quantize": _cmd_quantize,
             "compile": _cmd_compile, "synth": _cmd_synth, "board-sim": _cmd_board_sim,
             "chat": _cmd_chat}
 

@@ -1,6 +1,7 @@
 """The command line: output formats, exit codes and one-line errors."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -88,3 +89,16 @@ def test_help_on_every_command():
     for cmd in ("inspect", "run", "quantize"):
         code, out, _ = run_cli(cmd, "--help")
         assert code == 0 and "usage" in out
+
+
+def test_lora_pack_and_run_with_adapter(models_dir, tmp_path, capsys):
+    adapter = str(Path(__file__).resolve().parents[1] / "examples/adapters/stories260K-mia")
+    model = str(models_dir / "stories260K.bin")
+    assert main(["lora", "pack", adapter, "--model", model, "-o", str(tmp_path / "a.bin")]) == 0
+    assert (tmp_path / "a.bin").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["run", model, "-n", "12", "--engine", "golden", "--lora", adapter]) == 0
+    assert "Mia" in capsys.readouterr().out
+    code, _, err = run_cli("lora", "pack", tmp_path / "missing", "--model", model, "-o",
+                           tmp_path / "b.bin")
+    assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "b.bin").exists()
