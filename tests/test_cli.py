@@ -97,7 +97,7 @@ def test_lora_pack_and_run_with_adapter(models_dir, tmp_path, capsys):
     assert main(["lora", "pack", adapter, "--model", model, "-o", str(tmp_path / "a.bin")]) == 0
     assert (tmp_path / "a.bin").stat().st_size > 1000
     capsys.readouterr()
-    assert main(["run", model, "-n", "12", "--engine", "golden", "--lora", adapter]) == 0
+    assert main(["run", model, "-n", "16", "--engine", "golden", "--lora", adapter]) == 0
     assert "Mia" in capsys.readouterr().out
     code, _, err = run_cli("lora", "pack", tmp_path / "missing", "--model", model, "-o",
                            tmp_path / "b.bin")
