@@ -99,8 +99,9 @@ class BoardSim:
     """A running board simulation; :attr:`port` is the pty to open as a serial port."""
 
     def __init__(self, exe, *, cpb=SIM_CLOCKS_PER_BIT, idle_cycles=256, log=None):
+        # run flat out for twice the link's inter-byte timeout after any activity
         args = [str(exe), "--cpb", str(cpb), "--idle-cycles", str(idle_cycles),
-                "--stdin-eof-quits"]
+                "--active-tail", str(2 * sim_timeout_cycles(cpb)), "--stdin-eof-quits"]
         self._p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=log if log is not None else subprocess.DEVNULL,
                                    text=True, bufsize=1)

@@ -7,11 +7,12 @@
 // back to back); `uart_tx` is sampled in the middle of each bit and every byte received is
 // written to the pty.
 //
-// Time: while anything is happening (bytes in flight either way, or LED 0 "busy" lit) the
-// clock runs flat out; when the design is idle the driver advances --idle-cycles clocks at a
-// time and then waits for pty input for ten times as long as that took (at least 1 ms), so
-// timeouts inside the design (the host link's inter-byte timeout) still expire while an
-// idle simulation uses about a tenth of a core at most.
+// Time: while anything is happening (bytes in flight either way, or LED 0 "busy" lit) and
+// for --active-tail clocks after that, the clock runs flat out (so the host link's
+// inter-byte timeout expires promptly after a truncated frame or garbage); when the design
+// is idle the driver advances --idle-cycles clocks at a time and then waits for pty input
+// ten times as long as that took (at least 1 ms), so an idle simulation uses about a tenth
+// of a core at most.
 //
 // Prints "PTY <path>" and then "READY" on stdout; runs until SIGINT/SIGTERM or until stdin
 // reaches end of file when started with --stdin-eof-quits.
@@ -118,10 +119,12 @@ struct Deserializer {
 int main(int argc, char** argv) {
     int cpb = 8;
     long idle_cycles = 256;
+    long active_tail = 0;
     bool stdin_quits = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--cpb") && i + 1 < argc) cpb = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--idle-cycles") && i + 1 < argc) idle_cycles = atol(argv[++i]);
+        else if (!strcmp(argv[i], "--active-tail") && i + 1 < argc) active_tail = atol(argv[++i]);
         else if (!strcmp(argv[i], "--stdin-eof-quits")) stdin_quits = true;
     }
     if (cpb < 4) { fprintf(stderr, "--cpb must be at least 4\n"); return 2; }
@@ -162,9 +165,12 @@ int main(int argc, char** argv) {
     uint8_t buf[4096];
     uint64_t bytes_in = 0, bytes_out = 0;
 
+    long tail = 0;       // clocks still to run flat out after the last activity
     while (!stop_requested) {
         bool active = ser.busy() || des.busy() || !out.empty() || (top->led & 1);
-        long batch = active ? 4096 : idle_cycles;
+        if (active) tail = active_tail;
+        long batch = (active || tail > 0) ? 4096 : idle_cycles;
+        if (!active) tail = std::max(0L, tail - batch);
         auto t0 = std::chrono::steady_clock::now();
         for (long k = 0; k < batch; k++) {
             ser.step();
@@ -178,7 +184,7 @@ int main(int argc, char** argv) {
         }
         struct pollfd fds[2] = {{master, POLLIN, 0}, {0, POLLIN, 0}};
         int nfds = stdin_quits ? 2 : 1;
-        active = ser.busy() || des.busy() || !out.empty() || (top->led & 1);
+        active = ser.busy() || des.busy() || !out.empty() || (top->led & 1) || tail > 0;
         // idle: wait ten times as long as the batch took (at least 1 ms), so an idle
         // simulation uses at most ~10% of a core however large the design
         long took_us = std::chrono::duration_cast<std::chrono::microseconds>(
