@@ -18,7 +18,8 @@ from .numerics import TableConfig, Tables, make_tables
 
 __all__ = [
     "WEIGHT_CLASSES", "WBITS_PRESETS", "parse_wbits", "NumericsConfig", "Requant", "QMatrix",
-    "QNorm", "QLayer", "QuantizedModel", "quantize_rows", "quantize_rows_gptq", "Calibration",
+    "QNorm", "QLayer", "QuantizedModel", "quantize_rows", "quantize_rows_gptq",
+    "quantize_rows_gptq_clip", "CLIP_RATIOS", "CLIP_MAX_BITS", "METHODS", "Calibration",
     "calibrate", "quantize_model",
     "default_calibration_tokens",
 ]
@@ -32,6 +33,8 @@ WBITS_PRESETS = {
     "3/6": {"embed": 6, "attn_qkv": 6, "attn_out": 3, "ffn_gate_up": 3, "ffn_down": 3},
 }
 SUPPORTED_WBITS = (3, 4, 5, 6, 7, 8)
+# Weight rounding methods of quantize_model (all give per-row scales: same hardware).
+METHODS = ("gptq-clip", "gptq", "rtn")
 MULT_LIMIT = (1 << 17) - 1     # requant multipliers fit an 18-bit signed operand
 
 
@@ -189,7 +192,7 @@ class QuantizedModel:
     classifier: QMatrix         # requant maps the accumulator to common-scale logits
     logit_scale: float
     scales: dict = field(default_factory=dict)
-    method: str = "gptq"
+    method: str = "gptq-clip"
 
     @property
     def eps_int(self):
@@ -240,17 +243,10 @@ def quantize_rows(w, bits):
     return q, scale
 
 
-def quantize_rows_gptq(w, bits, gram, *, damp=0.01):
-    """Per-row symmetric quantization with GPTQ error compensation.
-
-    Row scales are those of :func:`quantize_rows`; the integer values are chosen column by
-    column, pushing each column's rounding error onto the columns not yet quantized in
-    proportion to the inverse of ``gram`` (``X^T X`` of calibration inputs), which minimises
-    the output error ``||(W - Q) X||`` rather than the weight error.
-    """
+def _gptq_round(w, bits, gram, scale, damp):
+    """GPTQ integer values of ``w`` (rows, cols) for given per-row ``scale`` (rows,)."""
     w = np.array(w, dtype=np.float64)
     qmax = (1 << (bits - 1)) - 1
-    _, scale = quantize_rows(w, bits)
     h = np.array(gram, dtype=np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
@@ -270,7 +266,55 @@ def quantize_rows_gptq(w, bits, gram, *, damp=0.01):
         w[:, j + 1:] -= np.outer(err, hinv[j, j + 1:])
     out = np.empty_like(q)
     out[:, order] = q
-    return out, scale
+    return out
+
+
+def quantize_rows_gptq(w, bits, gram, *, damp=0.01):
+    """Per-row symmetric quantization with GPTQ error compensation.
+
+    Row scales are those of :func:`quantize_rows`; the integer values are chosen column by
+    column, pushing each column's rounding error onto the columns not yet quantized in
+    proportion to the inverse of ``gram`` (``X^T X`` of calibration inputs), which minimises
+    the output error ``||(W - Q) X||`` rather than the weight error.
+    """
+    _, scale = quantize_rows(w, bits)
+    return _gptq_round(w, bits, gram, scale, damp), scale
+
+
+#: Widest weight width that gets the clipping search under ``method="gptq-clip"``: measured on
+#: stories260K it lifts W3 from 40% to 67% top-1 agreement and W4 from 84% to 85%, while at
+#: 6 and 8 bits it only moves agreement within noise (+-1%) and raises cross-entropy.
+CLIP_MAX_BITS = 4
+#: Clipping ratios tried per row by :func:`quantize_rows_gptq_clip` (1.0 = no clipping).
+CLIP_RATIOS = tuple(float(r) for r in np.linspace(1.0, 0.5, 26))
+
+
+def quantize_rows_gptq_clip(w, bits, gram, *, damp=0.01, ratios=CLIP_RATIOS):
+    """GPTQ with a per-row scale search (clipping) that minimises the output error.
+
+    For every ratio ``c`` in ``ratios`` each row gets the scale ``c * max|W_r| / qmax`` and
+    GPTQ integer values; each row keeps the ratio with the smallest calibration output error
+    ``(W_r - Q_r s_r) G (W_r - Q_r s_r)^T`` (``G`` = ``gram``). Rows are independent given
+    ``G``, so all candidates run as one stacked GPTQ pass. The result is an ordinary per-row
+    quantization (integers + one scale per row): the hardware is unchanged.
+
+    Returns ``(q, scale)`` like :func:`quantize_rows`.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    rows = w.shape[0]
+    ratios = np.asarray(ratios, dtype=np.float64)
+    if ratios.ndim != 1 or ratios.size == 0 or np.any(ratios <= 0) or np.any(ratios > 1):
+        raise HardwireError("clip ratios must be a non-empty list of numbers in (0, 1]")
+    _, base = quantize_rows(w, bits)
+    scales = (ratios[:, None] * base[None, :]).reshape(-1)
+    q = _gptq_round(np.tile(w, (ratios.size, 1)), bits, gram, scales, damp)
+    d = np.tile(w, (ratios.size, 1)) - q * scales[:, None]
+    g = np.asarray(gram, dtype=np.float64)
+    err = np.einsum("ij,jk,ik->i", d, g, d).reshape(ratios.size, rows)
+    # the first minimum wins, so a tie keeps the larger ratio (less clipping)
+    best = np.argmin(err, axis=0)
+    pick = best * rows + np.arange(rows)
+    return q[pick], scales[pick]
 
 
 def default_calibration_tokens(model, n=160, starts=6, seed=0):
@@ -350,17 +394,22 @@ def _qnorm(gain, dim, out_scale, resid_frac, norm_eps, *, what):
 
 
 def quantize_model(model, *, wbits=8, numerics=None, calib_tokens=None, calibration=None,
-                   method="gptq"):
+                   method="gptq-clip"):
     """Quantize a :class:`~.model.LlamaModel` into a :class:`QuantizedModel`.
 
-    ``method`` is ``"gptq"`` (error-compensated rounding, the default) or ``"rtn"`` (plain
-    round-to-nearest); both use the same per-row scales, so the hardware is the same.
+    ``method`` chooses the weight rounding: ``"gptq-clip"`` (the default: GPTQ with a per-row
+    clipping search that minimises the calibration output error,
+    :func:`quantize_rows_gptq_clip`, for widths up to :data:`CLIP_MAX_BITS`; wider tensor
+    classes get plain ``"gptq"``), ``"gptq"`` (GPTQ with max-abs row scales) or ``"rtn"``
+    (plain round-to-nearest, max-abs row scales). All give integers with one scale per output
+    row, so the hardware is the same; only the integer values (and the chip digest) differ.
     """
     wb = parse_wbits(wbits)
     c = model.config
     nc = NumericsConfig() if numerics is None else numerics
-    if method not in ("gptq", "rtn"):
-        raise HardwireError(f"unknown quantization method {method!r} (gptq, rtn)")
+    if method not in METHODS:
+        raise HardwireError(f"unknown quantization method {method!r} "
+                            f"({', '.join(METHODS)})")
     if calibration is None:
         if calib_tokens is None:
             calib_tokens = default_calibration_tokens(model)
@@ -379,7 +428,9 @@ def quantize_model(model, *, wbits=8, numerics=None, calib_tokens=None, calibrat
     def qrows(w, bits, gram):
         if method == "rtn":
             return quantize_rows(w, bits)
-        return quantize_rows_gptq(w, bits, gram)
+        if method == "gptq" or bits > CLIP_MAX_BITS:
+            return quantize_rows_gptq(w, bits, gram)
+        return quantize_rows_gptq_clip(w, bits, gram)
 
     def act_scale(key, bits=nc.act_bits):
         return stats[key] / ((1 << (bits - 1)) - 1)

@@ -8,7 +8,9 @@ from hardwire.compiler.errors import HardwireError
 from hardwire.compiler.golden import (ContextFullError, GoldenModel, TokenRangeError,
                                       generate_golden)
 from hardwire.compiler.loaders.random import random_model
-from hardwire.compiler.quantize import parse_wbits, quantize_model
+from hardwire.compiler.quantize import (CLIP_RATIOS, calibrate, default_calibration_tokens,
+                                        parse_wbits, quantize_model, quantize_rows,
+                                        quantize_rows_gptq, quantize_rows_gptq_clip)
 from hardwire.compiler.reference import FloatModel, generate_greedy
 
 
@@ -99,3 +101,70 @@ def test_wbits_spec_forms():
     assert set(parse_wbits("4").values()) == {4}
     assert parse_wbits("4,embed=8")["embed"] == 8
     assert parse_wbits("3/6")["attn_out"] == 3
+
+
+def _row_output_error(w, q, scale, gram):
+    d = np.asarray(w, dtype=np.float64) - q * scale[:, None]
+    return np.einsum("ij,jk,ik->i", d, gram, d)
+
+
+def _real_w2_and_gram(layer=2):
+    m = stories_model()
+    cal = calibrate(m, default_calibration_tokens(m, n=60, starts=0)[0])
+    return m.tensors[f"layers.{layer}.w2"], cal.grams[f"L{layer}.hidden"]
+
+
+@pytest.mark.parametrize("source", ["random", "stories260K"])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_clip_search_never_loses_to_max_scale_rows(source, bits):
+    if source == "random":
+        rng = np.random.default_rng(bits)
+        w = rng.standard_t(3, size=(24, 40))          # heavy tails: clipping pays off
+        x = rng.standard_normal((200, 40)) * rng.uniform(0.2, 3.0, 40)
+        gram = x.T @ x
+    else:
+        w, gram = _real_w2_and_gram()
+    q0, s0 = quantize_rows_gptq(w, bits, gram)
+    q1, s1 = quantize_rows_gptq_clip(w, bits, gram)
+    qmax = (1 << (bits - 1)) - 1
+    assert q1.dtype == np.int64 and np.abs(q1).max() <= qmax
+    _, smax = quantize_rows(w, bits)
+    assert np.all(s1 <= smax * (1 + 1e-12)) and np.all(s1 >= smax * min(CLIP_RATIOS) * 0.999)
+    e0, e1 = _row_output_error(w, q0, s0, gram), _row_output_error(w, q1, s1, gram)
+    # ratio 1.0 is a candidate, so no row can get worse; the total must really improve at
+    # low widths (this fails if the search is a no-op)
+    assert np.all(e1 <= e0 * (1 + 1e-9) + 1e-12)
+    if bits <= 4:
+        assert e1.sum() < 0.95 * e0.sum() and np.any(s1 < smax * 0.99)
+
+
+def test_clip_search_with_only_ratio_one_is_plain_gptq():
+    w, gram = _real_w2_and_gram(0)
+    q0, s0 = quantize_rows_gptq(w, 4, gram)
+    q1, s1 = quantize_rows_gptq_clip(w, 4, gram, ratios=(1.0,))
+    assert np.array_equal(q0, q1) and np.array_equal(s0, s1)
+    with pytest.raises(HardwireError, match="clip ratios"):
+        quantize_rows_gptq_clip(w, 4, gram, ratios=(1.5,))
+
+
+def test_unknown_quantization_method_is_an_error():
+    m = random_model(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=24, vocab_size=32,
+                     seq_len=4, seed=3)
+    with pytest.raises(HardwireError, match="unknown quantization method"):
+        quantize_model(m, wbits=8, method="magic")
+
+
+def _teacher_forced_agreement(qm, m, seq):
+    fm, gm = FloatModel(m), GoldenModel(qm)
+    return sum(int(np.argmax(fm.step(t, p)) == np.argmax(gm.step(t, p)))
+               for p, t in enumerate(seq[:-1])) / (len(seq) - 1)
+
+
+def test_clip_search_lifts_w3_quality_on_stories260K():
+    # measured on this sequence: gptq ~0.4, gptq-clip ~0.7 (docs/numerics.md); the plain-GPTQ
+    # run is the negative control: the same threshold must fail for it
+    m = stories_model()
+    seq = [1] + generate_greedy(m, [1], 100)
+    clip = _teacher_forced_agreement(quantize_model(m, wbits=3), m, seq)
+    plain = _teacher_forced_agreement(quantize_model(m, wbits=3, method="gptq"), m, seq)
+    assert plain < 0.55 <= clip
