@@ -143,6 +143,10 @@ def test_clip_search_with_only_ratio_one_is_plain_gptq():
     q0, s0 = quantize_rows_gptq(w, 4, gram)
     q1, s1 = quantize_rows_gptq_clip(w, 4, gram, ratios=(1.0,))
     assert np.array_equal(q0, q1) and np.array_equal(s0, s1)
+    # deterministic: same inputs, same integers and scales (hence the same Verilog)
+    qa, sa = quantize_rows_gptq_clip(w, 3, gram)
+    qb, sb = quantize_rows_gptq_clip(w, 3, gram)
+    assert np.array_equal(qa, qb) and np.array_equal(sa, sb)
     with pytest.raises(HardwireError, match="clip ratios"):
         quantize_rows_gptq_clip(w, 4, gram, ratios=(1.5,))
 
