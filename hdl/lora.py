@@ -82,9 +82,10 @@ class LoraUnit(wiring.Component):
     :func:`section_layout`); byte 3 of a multiplier is ignored (the host's image reader
     rejects multipliers ``>= 2**17`` and shifts above 63). Writes take effect one cycle later.
 
-    Cycles (``o.ready`` high, ``on``): the first chunk is offered ``a_cycles + pe + 6`` cycles
-    after ``x`` is taken (``a_cycles = r_max * cols / simd``), then a chunk every ``pe``
-    cycles; ``i.ready`` rises again as the last chunk is taken.
+    Cycles (``o.ready`` high, ``on``): the first chunk is taken ``first_chunk_latency() =
+    a_cycles + pe + 9`` cycles after ``x`` (``a_cycles = r_max * cols / simd``), then a chunk
+    every ``pe`` cycles; ``i.ready`` rises again as the last chunk is taken. Off: a chunk
+    every cycle from the cycle after ``x`` is taken.
 
     Parameters
     ----------
@@ -186,8 +187,14 @@ class LoraUnit(wiring.Component):
                     * 8 + self._rows * 24 + 2 * SHIFT_BITS)
 
     def first_chunk_latency(self):
-        """Cycles from the input transfer to the first chunk's ``o.valid`` (adapter on)."""
-        return self.a_cycles + self._pe + 6
+        """Cycles from the input transfer to the first chunk's transfer (adapter on, ``o.ready``
+        high): ``a_cycles + pe + 9``."""
+        return self.a_cycles + self._pe + 9
+
+    def chunk_times(self):
+        """Transfer cycle of every chunk after the input transfer (adapter on, ``o.ready``
+        high): the first at :meth:`first_chunk_latency`, then every ``pe`` cycles."""
+        return [self.first_chunk_latency() + g * self._pe for g in range(self.row_groups)]
 
     # ---------------------------------------------------------------------------- hardware
 
@@ -423,6 +430,26 @@ class LoraProjection(wiring.Component):
     def mac_units(self):
         return self._base.mac_units + self._lora.mac_units
 
+    def cycles_per_vector(self, on=True):
+        """Cycles from the input transfer to the last chunk's transfer (``o.ready`` high).
+
+        Off: the base unit's. On: row group ``g``'s first step issues (taking its correction
+        chunk) at ``s_g = max(s_{g-1} + cols/simd, t_g)`` with ``t_g`` the LoRA unit's
+        :meth:`LoraUnit.chunk_times`, and the last chunk leaves ``cols/simd - 1 +
+        pipeline_depth`` after the last group's first step.
+        """
+        b = self._base
+        if not on:
+            return b.cycles_per_vector()
+        s = None
+        for t in self._lora.chunk_times():
+            s = t if s is None else max(s + b.col_steps, t)
+        return s + b.col_steps - 1 + b.pipeline_depth
+
+    def added_cycles(self):
+        """Cycles the LoRA path adds to a vector: ``cycles_per_vector(True) -
+        cycles_per_vector(False)``."""
+        return self.cycles_per_vector(True) - self.cycles_per_vector(False)
     def elaborate(self, platform):
         m = Module()
         m.submodules.base = base = self._base
