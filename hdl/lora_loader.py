@@ -214,18 +214,16 @@ class LoraLoader(wiring.Component):
                     m.d.sync += crc.eq(crc32_next(crc, byte))
                 with m.Else():                  # little-endian trailer: last byte on top
                     m.d.sync += trailer.eq(Cat(trailer[8:], byte))
-                with m.If(count < HEADER_BYTES):
-                    with m.Switch(count):
-                        for lo, hi, name in _FIELDS:
-                            for k in range(lo, hi):
-                                with m.Case(k):
-                                    with m.If(byte != self._header[k]):
-                                        m.d.sync += bad[name].eq(1)
-                        with m.Case(22):
-                            m.d.sync += rank[0:8].eq(byte)
-                        with m.Case(23):
-                            m.d.sync += rank[8:16].eq(byte)
-                with m.Elif(count < n - _CRC_BYTES):
+                with m.Switch(count):           # header bytes: compare, keep the rank
+                    for lo, hi, name in _FIELDS:
+                        for k in range(lo, hi):
+                            with m.Case(k), m.If(byte != self._header[k]):
+                                m.d.sync += bad[name].eq(1)
+                    with m.Case(22):
+                        m.d.sync += rank[0:8].eq(byte)
+                    with m.Case(23):
+                        m.d.sync += rank[8:16].eq(byte)
+                with m.If((count >= HEADER_BYTES) & (count < n - _CRC_BYTES)):
                     m.d.sync += [self.wr.en.eq(1), self.wr.bank.eq(inactive),
                                  self.wr.addr.eq(count - HEADER_BYTES), self.wr.data.eq(byte)]
 
