@@ -11,16 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from amaranth.hdl import UnusedElaboratable
-
+from golden_vectors import stories_model, stories_qmodel
 from hardwire.compiler.loaders.random import random_model
 from hardwire.compiler.lora import base_digest8
-from hardwire.compiler.lora_image import (HEADER, MAGIC, VERSION, image_length, pack_lora,
-                                          read_image, target_mask)
+from hardwire.compiler.lora_image import (
+    HEADER,
+    LoraImageError,
+    MAGIC,
+    VERSION,
+    image_length,
+    pack_lora,
+    read_image,
+    target_mask,
+)
 from hardwire.compiler.quantize import quantize_model
 from hardwire.hdl.lora_loader import LoraCmd, LoraError, LoraLoader
 from hardwire.sim.cocotb_runner import export_verilog, run_cocotb
-
-from golden_vectors import stories_model, stories_qmodel
 
 TESTS = Path(__file__).resolve().parent
 BUILD_ROOT = TESTS.parent / "build" / "cocotb"
@@ -270,7 +276,7 @@ def test_model_rejections_match_read_image():
     for name, mutate, err in REJECTIONS:
         s = Script(args).upload(mutate(mia))
         assert s.m.error == err, name
-        with pytest.raises(Exception):
+        with pytest.raises(LoraImageError):
             read_image(mutate(mia), qm, targets=("wq", "wv"), r_max=8)
     for image in (mia, other):
         assert Script(args).upload(image).m.error == E.OK
@@ -278,7 +284,7 @@ def test_model_rejections_match_read_image():
 
 def test_stories260k_mia_upload_switch_at_boundary():
     s = stories_script()
-    args, mia, other = stories_case()
+    _, mia, other = stories_case()
     assert list(s.m.banks[1]) == list(mia[32:-4]) and list(s.m.banks[0]) == list(other[32:-4])
     run(stories_dut(), s)
 

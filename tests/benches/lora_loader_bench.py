@@ -13,7 +13,6 @@ a cycle with ``boundary`` high, ``bank``/``on`` equal their status bits.
 import cocotb
 import numpy as np
 from cocotb.triggers import FallingEdge, ReadOnly
-
 from hardwire.sim.cocotb_helpers import load_vectors, reset, start_clock, stream_send
 
 STATUS_FIELDS = ("bank", "on", "pending", "locked", "busy", "enabled", "valid")
