@@ -16,9 +16,9 @@ from hardwire.compiler.loaders.random import random_model
 from hardwire.compiler.lora import base_digest8
 from hardwire.compiler.lora_image import (
     HEADER,
-    LoraImageError,
     MAGIC,
     VERSION,
+    LoraImageError,
     image_length,
     pack_lora,
     read_image,
