@@ -79,6 +79,19 @@ def _build_parser():
     lp.add_argument("--model", required=True, help="the base model the chip was compiled from")
     lp.add_argument("--wbits", default="8", help="the chip's weight widths")
     lp.add_argument("-o", "--out", required=True, help="image file to write")
+    lp = lsub.add_parser("load", help="upload an image into a board's LoRA bank and commit it")
+    lp.add_argument("image", help="adapter image (hardwire lora pack)")
+    lp.add_argument("--port", required=True, help="serial port of the board or board-sim pty")
+    lp.add_argument("--baud", type=_positive_int, default=115200, help="baud rate (115200)")
+    lp.add_argument("--commit", action=argparse.BooleanOptionalAction, default=True,
+                    help="commit after the upload (default); --no-commit only uploads")
+    lp.add_argument("--enable", action=argparse.BooleanOptionalAction, default=True,
+                    help="switch the adapter on after the commit (default)")
+    lp.add_argument("--lock", action="store_true",
+                    help="lock the loader afterwards: no further uploads until reset")
+    lp.add_argument("--timeout", type=_positive_float, default=10.0,
+                    help="seconds to wait for each reply (10)")
+    lp.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("quantize", help="quantize and report agreement with the float model")
     _add_model_args(p)
@@ -223,12 +236,41 @@ def _cmd_quantize(args):
 
 
 def _cmd_lora(args):
+    if args.lora_command == "load":
+        return _cmd_lora_load(args)
     from hardwire.compiler.loaders import load_model
     from hardwire.compiler.lora_image import pack_lora, write_image
     model = load_model(args.model)
     data = pack_lora(args.adapter, model, wbits=args.wbits)
     write_image(args.out, data)
     print(f"wrote {args.out} ({len(data):,} bytes)")
+
+
+def _cmd_lora_load(args):
+    from hardwire.fpga.host import lora_load
+
+    shown = []
+
+    def progress(sent, total):
+        shown.append(sent)
+        print(f"\ruploading {sent:,}/{total:,} bytes", end="", file=sys.stderr, flush=True)
+    try:
+        res = lora_load(args.port, args.image, baud=args.baud, timeout=args.timeout,
+                        commit=args.commit, enable=args.enable, lock=args.lock,
+                        progress=None if args.json else progress)
+    finally:
+        if shown:
+            print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(res))
+        return
+    st, h = res["status"], res["header"]
+    print(f"{res['image']}: {h['bytes']:,} bytes, {h['n_layers']} layers, "
+          f"{','.join(h['targets'])}, rank {h['rank']}/{h['r_max']}, "
+          f"{res['bytes_per_s']:,.0f} B/s")
+    state = "committed" if res["committed"] else "uploaded, not committed"
+    print(f"{state}: active bank {st['bank']}, adapter {'on' if st['on'] else 'off'}"
+          f"{', switch pending' if st['pending'] else ''}{', locked' if st['locked'] else ''}")
 
 
 COMMANDS = {"lora": _cmd_lora, "inspect": _cmd_inspect, "run": _cmd_run, "quantize": _cmd_quantize,
