@@ -25,7 +25,7 @@ from .quantize import MULT_LIMIT, quantize_model
 
 __all__ = ["MAGIC", "VERSION", "HEADER", "LoraImageError", "image_bytes", "image_length",
            "pack_lora", "write_image", "read_image", "load_image", "target_mask",
-           "section_offsets", "image_body"]
+           "section_offsets", "image_body", "build_header"]
 
 MAGIC = b"HWLA"
 VERSION = 1
@@ -75,6 +75,16 @@ def section_offsets(n_layers, targets, r_max, dim, kv_dim, hidden):
             out[layer, t] = off
             off += _section_bytes(*_shape(t, dim, kv_dim, hidden), r_max)
     return out
+
+
+def build_header(qm, targets, r_max):
+    """The 32 header bytes every image for the chip of ``qm`` with LoRA ``targets`` and
+    ``r_max`` carries (the rank field, which images may set below ``r_max``, is 0 here): what
+    the chip's loader compares an upload's header with."""
+    from .lora import base_digest8
+    c = qm.config
+    return HEADER.pack(MAGIC, VERSION, HEADER.size, base_digest8(qm), c.n_layers,
+                       target_mask(targets), r_max, 0, c.dim, c.kv_dim, c.hidden_dim, 0)
 
 
 def image_body(data):
