@@ -275,7 +275,7 @@ def test_stories260k_mia():
     ql = quantize_lora(load_peft_adapter(MIA, stories_model()), stories_model(), qm,
                        targets=STORIES_SPEC.targets, r_max=STORIES_SPEC.r_max)
     chip, verilog = chip_verilog(qm, plan_chip(qm), STORIES_SPEC)
-    n = 12
+    n = 16          # "Once upon a time, there was a little girl named" Mia, not Lily: token 14
     s, runs = session(qm, chip, STORIES_SPEC, ql, n=n)
     check_runs(qm, runs, n)
     run(s, verilog, timeout_s=3000)
