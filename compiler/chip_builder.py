@@ -12,20 +12,58 @@ cycle formulas and never elaborated.)
 """
 
 import re
+from dataclasses import dataclass
 
 from hardwire.hdl.attention import Attention
 from hardwire.hdl.chip import LlamaChip, id_rom_words
 from hardwire.hdl.decoder import DecoderLayer
 from hardwire.hdl.embedding import EmbeddingROM
+from hardwire.hdl.lora import LoraProjection, LoraUnit
+from hardwire.hdl.lora_loader import LoraLoader
 from hardwire.hdl.matvec import MatVecUnit
 from hardwire.hdl.rmsnorm import RMSNorm
 from hardwire.hdl.rope import RoPE
 from hardwire.hdl.swiglu import SwiGLU
 
+from .lora import LORA_TARGETS, MAX_RANK
+from .lora_image import build_header, image_length, section_offsets, target_mask
 from .plan import MATRIX_NAMES, plan_chip
 from .quantize import wbits_label
 
-__all__ = ["build_chip", "chip_name"]
+__all__ = ["LoraSpec", "build_chip", "chip_name"]
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A chip's LoRA configuration: the adaptable ``targets`` (llama2.c names, any of
+    ``wq wk wv wo w1 w2 w3``), the SRAM's rank ``r_max`` (a power of two), and ``simd``, the
+    ``A``-pass MACs a cycle of each LoRA unit (default: the largest power of two up to 16
+    dividing the matrix's columns)."""
+
+    targets: tuple = ("wq", "wv")
+    r_max: int = 8
+    simd: int = 16
+
+    def __post_init__(self):
+        targets = tuple(self.targets)
+        bad = [t for t in targets if t not in LORA_TARGETS]
+        if bad or not targets:
+            raise ValueError(f"LoRA targets must be some of {', '.join(LORA_TARGETS)}, not "
+                             f"{', '.join(targets) or 'none'}")
+        object.__setattr__(self, "targets", tuple(t for t in LORA_TARGETS if t in targets))
+        r = self.r_max
+        if not (isinstance(r, int) and 1 <= r <= MAX_RANK and r & (r - 1) == 0):
+            raise ValueError(f"LoRA rank must be a power of two from 1 to {MAX_RANK}, not {r}")
+        s = self.simd
+        if not (isinstance(s, int) and s >= 1 and s & (s - 1) == 0):
+            raise ValueError(f"LoRA simd must be a power of two, not {s}")
+
+    def unit_simd(self, cols):
+        """``A``-pass lanes for a matrix of ``cols`` columns."""
+        s = self.simd
+        while cols % s:
+            s //= 2
+        return s
 
 
 def chip_name(qm):
@@ -51,24 +89,42 @@ def _check_plan(qm, plan):
                                  f"{q.shape[0]}x{q.shape[1]}")
 
 
-def build_chip(qm, plan=None):
+def build_chip(qm, plan=None, *, lora=None):
     """Build the :class:`~hardwire.hdl.chip.LlamaChip` of ``qm`` folded by ``plan`` (default:
-    :func:`~.plan.plan_chip` of ``qm``)."""
+    :func:`~.plan.plan_chip` of ``qm``); with ``lora`` (a :class:`LoraSpec`), each target
+    matrix of every layer gets a LoRA path (:class:`~hardwire.hdl.lora.LoraProjection`) and
+    the chip a :class:`~hardwire.hdl.lora_loader.LoraLoader`."""
     plan = plan_chip(qm) if plan is None else plan
     _check_plan(qm, plan)
     c, nc, tb = qm.config, qm.numerics, qm.tables
     tc = tb.config
+    loader, offsets = None, {}
+    if lora is not None:
+        if not isinstance(lora, LoraSpec):
+            raise ValueError(f"lora must be a LoraSpec, not {type(lora).__name__}")
+        loader = LoraLoader(header=build_header(qm, lora.targets, lora.r_max),
+                            image_length=image_length(c.n_layers, lora.targets, lora.r_max,
+                                                      c.dim, c.kv_dim, c.hidden_dim))
+        offsets = section_offsets(c.n_layers, lora.targets, lora.r_max, c.dim, c.kv_dim,
+                                  c.hidden_dim)
 
     def norm(qn):
         return RMSNorm(dim=c.dim, in_bits=nc.resid_bits, gain=qn.gain,
                        gain_shift=qn.gain_shift, eps=qn.eps, rsqrt_table=tb.rsqrt,
                        rsqrt_frac=tc.rsqrt_frac, out_bits=nc.act_bits, lanes=plan.norm_lanes)
 
-    def matvec(m, key, in_bits):
+    def matvec(m, key, in_bits, layer=None):
         f, r = plan.matrices[key], m.requant
-        return MatVecUnit(weights=m.q, weight_bits=m.bits, in_bits=in_bits, mult=r.mult,
+        adapt = layer is not None and (layer, m.name) in offsets
+        unit = MatVecUnit(weights=m.q, weight_bits=m.bits, in_bits=in_bits, mult=r.mult,
                           shift=r.shift, out_bits=r.out_bits, pe=f.pe, simd=f.simd,
-                          form=f.form)
+                          form=f.form, **({"correction_bits": 32} if adapt else {}))
+        if not adapt:
+            return unit
+        side = LoraUnit(rows=f.rows, cols=f.cols, r_max=lora.r_max, pe=f.pe,
+                        simd=lora.unit_simd(f.cols), base=offsets[layer, m.name],
+                        addr_bits=loader.addr_bits, in_bits=in_bits)
+        return LoraProjection(base=unit, lora=side)
 
     def rope(n):
         return RoPE(n=n, head_size=c.head_size, cos_table=tb.rope_cos, sin_table=tb.rope_sin,
@@ -80,7 +136,7 @@ def build_chip(qm, plan=None):
                              lanes=plan.embed_lanes)
     layers = []
     for i, L in enumerate(qm.layers):
-        mv = {n: matvec(getattr(L, n), f"L{i}.{n}", nc.act_bits) for n in MATRIX_NAMES}
+        mv = {n: matvec(getattr(L, n), f"L{i}.{n}", nc.act_bits, i) for n in MATRIX_NAMES}
         attention = Attention(
             n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_size=c.head_size,
             n_pos=c.seq_len, exp_table=tb.exp, exp_mult=L.exp_mult, exp_shift=L.exp_shift,
@@ -97,7 +153,10 @@ def build_chip(qm, plan=None):
     words = id_rom_words(model_hash=qm.model_hash, dim=c.dim, n_layers=c.n_layers,
                          n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, hidden_dim=c.hidden_dim,
                          vocab_size=c.vocab_size, seq_len=c.seq_len, weight_bits=qm.wbits,
-                         digest=qm.digest())
+                         digest=qm.digest(),
+                         **({} if lora is None else dict(
+                             lora_mask=target_mask(lora.targets), lora_r_max=lora.r_max,
+                             lora_image_length=loader.image_length)))
     return LlamaChip(embedding=embedding, layers=layers, final_norm=norm(qm.final_norm),
                      classifier=matvec(qm.classifier, "classifier", nc.act_bits),
-                     id_words=words)
+                     id_words=words, **({} if loader is None else {"lora_loader": loader}))

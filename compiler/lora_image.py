@@ -24,7 +24,8 @@ from .lora import (LORA_TARGETS, MAX_RANK, QLoraMatrix, QuantizedLora, base_dige
 from .quantize import MULT_LIMIT, quantize_model
 
 __all__ = ["MAGIC", "VERSION", "HEADER", "LoraImageError", "image_bytes", "image_length",
-           "pack_lora", "write_image", "read_image", "load_image", "target_mask"]
+           "pack_lora", "write_image", "read_image", "load_image", "target_mask",
+           "section_offsets", "image_body", "build_header"]
 
 MAGIC = b"HWLA"
 VERSION = 1
@@ -62,6 +63,33 @@ def image_length(n_layers, targets, r_max, dim, kv_dim, hidden):
     """Total bytes of an image (header, body, CRC): what a commit compares the upload with."""
     body = sum(_section_bytes(*_shape(t, dim, kv_dim, hidden), r_max) for t in targets)
     return HEADER.size + n_layers * body + CRC.size
+
+
+def section_offsets(n_layers, targets, r_max, dim, kv_dim, hidden):
+    """Byte offset of every ``(layer, target)`` section inside the image body (the body starts
+    after the header), in image order: the address map of the chip's LoRA SRAM."""
+    targets = [t for t in LORA_TARGETS if t in targets]
+    out, off = {}, 0
+    for layer in range(n_layers):
+        for t in targets:
+            out[layer, t] = off
+            off += _section_bytes(*_shape(t, dim, kv_dim, hidden), r_max)
+    return out
+
+
+def build_header(qm, targets, r_max):
+    """The 32 header bytes every image for the chip of ``qm`` with LoRA ``targets`` and
+    ``r_max`` carries (the rank field, which images may set below ``r_max``, is 0 here): what
+    the chip's loader compares an upload's header with."""
+    from .lora import base_digest8
+    c = qm.config
+    return HEADER.pack(MAGIC, VERSION, HEADER.size, base_digest8(qm), c.n_layers,
+                       target_mask(targets), r_max, 0, c.dim, c.kv_dim, c.hidden_dim, 0)
+
+
+def image_body(data):
+    """The body of a packed image (what the chip's SRAM holds): header and CRC removed."""
+    return bytes(data[HEADER.size:len(data) - CRC.size])
 
 
 def image_bytes(qlora, config):

@@ -42,11 +42,14 @@ class BoardDesign:
 
 
 def board_design(qm, *, fold=None, clock_hz=None, baud=None, cpb=None, timeout_cycles=None,
-                 target="ulx3s"):
+                 target="ulx3s", lora=None):
     """Plan and build the chip of ``qm`` and wrap it in a :class:`BoardCore`.
 
     ``clock_hz`` defaults to 50 MHz (for ``target="ulx3s"`` rounded to what the PLL makes).
     The UART bit period is ``cpb`` clocks, else derived from ``baud`` (default 115200).
+    ``lora`` (the chip builder's LoRA configuration, default none) is passed to
+    ``build_chip``; a chip built with it has the LoRA loader ports, which the host link
+    forwards its LoRA commands to.
     """
     from hardwire.compiler.chip_builder import build_chip, chip_name
     from hardwire.compiler.plan import plan_chip
@@ -72,9 +75,12 @@ def board_design(qm, *, fold=None, clock_hz=None, baud=None, cpb=None, timeout_c
     except ValueError as e:
         raise HardwireError(f"--fold: {e}") from None
     name = chip_name(qm)
-    build_id = build_id_of(name=name, plan=plan.to_dict() if hasattr(plan, "to_dict")
-                           else str(plan), clock_hz=clock_hz, cpb=cpb, target=target)
-    chip = build_chip(qm, plan)
+    options = dict(name=name, plan=plan.to_dict() if hasattr(plan, "to_dict") else str(plan),
+                   clock_hz=clock_hz, cpb=cpb, target=target)
+    if lora is not None:                    # absent for plain chips: their build ids stay
+        options["lora"] = lora
+    build_id = build_id_of(**options)
+    chip = build_chip(qm, plan) if lora is None else build_chip(qm, plan, lora=lora)
     try:
         core = BoardCore(chip, clock_hz=clock_hz, clocks_per_bit=cpb, build_id=build_id,
                          timeout_cycles=timeout_cycles)

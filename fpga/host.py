@@ -1,7 +1,8 @@
 """Host side of the host link (pyserial): talk to a board or to its simulation's pty.
 
 :class:`HostLink` sends request frames and decodes replies (:mod:`.protocol`);
-:func:`chat` is ``hardwire chat``: encode a prompt, FEED it, GENERATE, decode the text.
+:func:`chat` is ``hardwire chat``: encode a prompt, FEED it, GENERATE, decode the text;
+:func:`lora_load` is ``hardwire lora load``: check an adapter image, upload it, commit it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from hardwire.compiler.errors import HardwireError
 
 from . import protocol as P
 
-__all__ = ["BOS", "HostLink", "LinkError", "chat", "parse_info"]
+__all__ = ["BOS", "HostLink", "LinkError", "LoraRejected", "chat", "check_lora_image",
+           "lora_load", "parse_info"]
 
 BOS = 1
 _WEIGHT_CLASSES = ("embed", "attn_qkv", "attn_out", "ffn_gate_up", "ffn_down")
@@ -29,6 +31,11 @@ class LinkError(HardwireError):
     def __init__(self, message, *, code=None, cmd=None, detail=None):
         self.code, self.cmd, self.detail = code, cmd, detail
         super().__init__(message)
+
+
+class LoraRejected(LinkError):
+    """The chip's LoRA loader refused a command (``code``: a ``LoraError``); the adapter that
+    was active keeps serving."""
 
 
 def parse_info(payload: bytes) -> dict:
@@ -201,6 +208,56 @@ class HostLink:
                 "pending": pending if flags & P.STATUS_PENDING else None,
                 "error_frames": errors}
 
+    # ---------------------------------------------------------------------------- LoRA
+
+    def _lora(self, cmd, payload=b""):
+        try:
+            return P.lora_status(struct.unpack(">H", self.request(cmd, payload))[0])
+        except LinkError as e:
+            if e.code == P.Err.UNKNOWN_CMD:
+                raise LinkError(f"{self.port}: this chip was built without LoRA",
+                                code=e.code, cmd=e.cmd, detail=e.detail) from None
+            if e.code != P.Err.LORA_REJECTED:
+                raise
+            try:
+                err = P.LoraError(e.detail)
+            except ValueError:
+                err = e.detail
+            what = P.LORA_ERROR_TEXT.get(err, f"error {e.detail}")
+            name = err.name if isinstance(err, P.LoraError) else str(err)
+            raise LoraRejected(f"{self.port}: the chip refused {P.Cmd(cmd).name}: {what} "
+                               f"({name}); the active adapter is unchanged",
+                               code=err, cmd=e.cmd, detail=e.detail) from None
+
+    def lora_status(self) -> dict:
+        """The LoRA loader's status (:func:`.protocol.lora_status`)."""
+        return self._lora(P.Cmd.LORA_STATUS)
+
+    def lora_enable(self, on=True) -> dict:
+        """Adapter on (or off), from the next token."""
+        return self._lora(P.Cmd.LORA_ENABLE if on else P.Cmd.LORA_DISABLE)
+
+    def lora_lock(self) -> dict:
+        """Refuse further uploads and switches until the chip is reset."""
+        return self._lora(P.Cmd.LORA_LOCK)
+
+    def lora_upload(self, image: bytes, *, commit=True, progress=None) -> dict:
+        """BEGIN, the image in ``max_payload`` chunks, then (``commit``) COMMIT: the bank
+        becomes active at the next token. ``progress(sent, total)`` after each chunk. Raises
+        :class:`LoraRejected` naming the chip's reason if it refuses."""
+        image = bytes(image)
+        if self._max_payload is None:
+            self.info()
+        status = self._lora(P.Cmd.LORA_BEGIN)
+        per = self._max_payload
+        for k in range(0, len(image), per):
+            status = self._lora(P.Cmd.LORA_DATA, image[k:k + per])
+            if progress is not None:
+                progress(min(k + per, len(image)), len(image))
+        if commit:
+            status = self._lora(P.Cmd.LORA_COMMIT)
+        return status
+
     def close(self):
         if self._owned:
             self._ser.close()
@@ -274,3 +331,84 @@ def chat(port, *, tokenizer=None, prompt="", n=64, baud=115200, timeout=10.0,
             "prompt_tokens": pt, "tokens": out, "text": text,
             "seconds": round(time.perf_counter() - t0, 3),
             "tokens_per_s": round(len(out) / gen_s, 2) if gen_s > 0 and out else 0.0}
+
+
+class _ChipView:
+    """What :func:`~hardwire.compiler.lora_image.read_image` needs of a quantized model, for a
+    chip known only by its header fields (the digest is compared separately)."""
+
+    def __init__(self, digest8, n_layers, dim, kv_dim, hidden_dim):
+        from types import SimpleNamespace
+        self._digest = digest8.hex()
+        self.config = SimpleNamespace(n_layers=n_layers, dim=dim, kv_dim=kv_dim,
+                                      hidden_dim=hidden_dim)
+
+    def digest(self):
+        return self._digest
+
+
+def check_lora_image(data: bytes, *, info=None, source="adapter image"):
+    """Check an image without the model: every :func:`read_image` check (format, CRC, field
+    ranges, padding) against the image's own header, then, with ``info`` (a chip's INFO),
+    the base digest (the 4 bytes the ID ROM carries) and the shape. Returns the header
+    fields. Raises ``LoraImageError`` (one line, ``SOURCE: problem``)."""
+    from hardwire.compiler.lora_image import HEADER, LoraImageError, read_image
+    data = bytes(data)
+    if len(data) >= HEADER.size:
+        h = HEADER.unpack_from(data)
+        view = _ChipView(h[3], h[4], h[8], h[9], h[10])
+    else:
+        view = _ChipView(bytes(8), 0, 0, 0, 0)
+    ql = read_image(data, view, source=source)
+    fields = {"digest8": h[3].hex(), "n_layers": h[4], "targets": list(ql.targets),
+              "r_max": h[6], "rank": h[7], "dim": h[8], "kv_dim": h[9], "hidden_dim": h[10],
+              "bytes": len(data)}
+    if info is not None:
+        cfg = info["config"]
+        if h[3][:4].hex() != info["digest"]:
+            raise LoraImageError(f"packed for another base model or weight width (digest "
+                                 f"{h[3][:4].hex()}..., the chip's {info['digest']})",
+                                 path=source)
+        kv_dim = cfg["dim"] * cfg["n_kv_heads"] // max(cfg["n_heads"], 1)
+        want = (cfg["n_layers"], cfg["dim"], kv_dim, cfg["hidden_dim"])
+        if (h[4], h[8], h[9], h[10]) != want:
+            raise LoraImageError(f"shape {h[4]} layers, dim {h[8]}, kv_dim {h[9]}, hidden "
+                                 f"{h[10]} does not match the chip's {want}", path=source)
+    return fields
+
+
+def lora_load(port, image, *, baud=115200, timeout=10.0, commit=True, enable=True,
+              lock=False, progress=None, source=None):
+    """``hardwire lora load``: check ``image`` (bytes, or a path), compare it with the chip's
+    ID ROM, upload it into the inactive bank and (``commit``) commit it; then (``enable``)
+    switch the adapter on and (``lock``) lock the loader. The new adapter serves from the
+    next token. Returns a dict: the image's header fields, the chip's LoRA status, timing."""
+    from pathlib import Path
+    if isinstance(image, (str, Path)):
+        source = str(image) if source is None else source
+        try:
+            image = Path(image).read_bytes()
+        except FileNotFoundError:
+            raise HardwireError("no such file", path=source) from None
+        except OSError as e:
+            raise HardwireError(f"cannot read: {e.strerror}", path=source) from None
+    source = "adapter image" if source is None else source
+    fields = check_lora_image(image, source=source)
+    t0 = time.perf_counter()
+    with HostLink(port, baud=baud, timeout=timeout) as link:
+        info = link.info()
+        if not info["magic_ok"]:
+            raise HardwireError(f"{link.port}: not a hardwire chip (ID ROM magic "
+                                f"0x{info['id_words'][0]:08x})")
+        check_lora_image(image, info=info, source=source)
+        status = link.lora_upload(image, commit=commit, progress=progress)
+        if commit and enable:
+            status = link.lora_enable(True)
+        if lock:
+            status = link.lora_lock()
+        seconds = time.perf_counter() - t0
+    return {"port": str(port), "image": source, "header": fields, "committed": commit,
+            "status": {k: (v.name if isinstance(v, P.LoraError) else v)
+                       for k, v in status.items()},
+            "seconds": round(seconds, 3),
+            "bytes_per_s": round(len(image) / seconds, 1) if seconds > 0 else 0.0}

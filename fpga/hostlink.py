@@ -15,11 +15,14 @@ misaligned the frame); a frame cut short is reported after ``timeout_cycles`` of
 (TIMEOUT). Tokens are range- and context-checked before they reach the chip, and a chip that
 does not answer within ``token_timeout_cycles`` is reported (CHIP_TIMEOUT).
 
-Commands are dispatched through :attr:`HostLinkEngine.HANDLERS` (command -> method adding its
-states to the FSM), so new commands (the LoRA upload, numbers 0x10..0x1F) are one method and
-one :func:`~.protocol.length_rule` entry each.
+Commands are dispatched through :attr:`HostLinkEngine.handlers` (command -> function adding
+its states to the FSM), so a new command is one method and one :func:`~.protocol.length_rule`
+entry. With ``lora=True`` the engine also forwards the LoRA upload commands (0x10..0x16) to
+the chip's adapter loader (``lora_in``, ``lora_cmd``, ``lora_status``; see
+``hdl/lora_loader.py``).
 """
 
+import functools
 import operator
 from typing import ClassVar
 
@@ -28,10 +31,40 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from hardwire.hdl.arith import pos_shape
+from hardwire.hdl.lora_loader import STATUS_LAYOUT
 
 from . import protocol as P
 
-__all__ = ["FRAME_REQUEST", "FrameTx", "HostLinkEngine", "crc16_next"]
+__all__ = ["FRAME_REQUEST", "FrameTx", "HostLinkEngine", "connect_chip", "crc16_next",
+           "word_table"]
+
+
+def word_table(m, sel, out, words, default=None):
+    """Drive ``out`` with ``words[sel]`` (combinational), else ``default`` (if given)."""
+    with m.Switch(sel):
+        for n, w in enumerate(words):
+            with m.Case(n):
+                m.d.comb += out.eq(w)
+        if default is not None:
+            with m.Default():
+                m.d.comb += out.eq(default)
+
+
+def connect_chip(m, link, chip):
+    """Wire a :class:`HostLinkEngine` to a chip's ports (token streams, reset, status, ID
+    ROM and, for an engine built with ``lora=True``, the LoRA loader's ports)."""
+    wiring.connect(m, link.chip_in, chip.token_in)
+    wiring.connect(m, chip.token_out, link.chip_out)
+    m.d.comb += [
+        chip.reset_ctx.eq(link.reset_ctx),
+        link.pos.eq(chip.pos), link.busy.eq(chip.busy),
+        link.err_token.eq(chip.err_token), link.err_context.eq(chip.err_context),
+        chip.id_addr.eq(link.id_addr), link.id_data.eq(chip.id_data),
+    ]
+    if link.lora:
+        wiring.connect(m, link.lora_in, chip.lora_in)
+        wiring.connect(m, link.lora_cmd, chip.lora_cmd)
+        m.d.comb += link.lora_status.eq(chip.lora_status)
 
 
 def crc16_next(crc, byte):
@@ -115,12 +148,7 @@ class FrameTx(wiring.Component):
         byte_sel = ~idx[0:2]                 # big-endian bytes: 3 - idx % 4
         m.d.comb += self.id_addr.eq(word - n_head)
         info_word = Signal(32)
-        with m.Switch(word):
-            for n, w in enumerate(self._info_words):
-                with m.Case(n):
-                    m.d.comb += info_word.eq(w)
-            with m.Default():
-                m.d.comb += info_word.eq(self.id_data)
+        word_table(m, word, info_word, self._info_words, default=self.id_data)
         info_byte = info_word.word_select(byte_sel, 8)
         inline_byte = r.data[idx[0:3]]
 
@@ -167,14 +195,12 @@ class FrameTx(wiring.Component):
                     with m.Else():
                         m.next = "FETCH0"
                 send(cur, next_byte)
-            with m.State("CRC_HI"):
-                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(crc[8:16])]
-                with m.If(self.o.ready):
-                    m.next = "CRC_LO"
-            with m.State("CRC_LO"):
-                m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(crc[0:8])]
-                with m.If(self.o.ready):
-                    m.next = "IDLE"
+            for state, byte, then in (("CRC_HI", crc[8:16], "CRC_LO"),
+                                      ("CRC_LO", crc[0:8], "IDLE")):
+                with m.State(state):
+                    m.d.comb += [self.o.valid.eq(1), self.o.payload.eq(byte)]
+                    with m.If(self.o.ready):
+                        m.next = then
         return m
 
 
@@ -201,6 +227,9 @@ class HostLinkEngine(wiring.Component):
         bytes being drained.
     token_timeout_cycles : int
         Watchdog for one token's answer from the chip.
+    lora : bool
+        Forward the LoRA commands (0x10..0x16) to the chip's adapter loader; without it they
+        are UNKNOWN_CMD.
 
     Members
     -------
@@ -222,10 +251,15 @@ class HostLinkEngine(wiring.Component):
         A command is executing.
     error : ``Out(1)``
         Pulses when an ERROR frame is queued.
+    lora_in : ``Out(stream.Signature(8))``; lora_cmd : ``Out(stream.Signature(3))``
+        (``lora=True`` only) image bytes and commands to the chip's LoRA loader.
+    lora_status : ``In(STATUS_LAYOUT)``
+        (``lora=True`` only) the loader's status word.
     """
 
     def __init__(self, *, token_bits, vocab_size, seq_len, clock_hz, clocks_per_bit,
-                 build_id=0, max_payload=512, timeout_cycles, token_timeout_cycles=1 << 28):
+                 build_id=0, max_payload=512, timeout_cycles, token_timeout_cycles=1 << 28,
+                 lora=False):
         token_bits, vocab_size, seq_len = map(operator.index, (token_bits, vocab_size, seq_len))
         max_payload = operator.index(max_payload)
         if not 1 <= vocab_size <= 1 << 16:
@@ -244,12 +278,17 @@ class HostLinkEngine(wiring.Component):
                 raise ValueError(f"{name} ({v}) must fit a 32-bit word")
         if operator.index(timeout_cycles) < 1 or operator.index(token_timeout_cycles) < 1:
             raise ValueError("timeout_cycles and token_timeout_cycles must be positive")
+        if not isinstance(lora, bool):
+            raise TypeError(f"lora must be a bool, not {lora!r}")
+        self._lora = lora
         self._token_bits, self._vocab, self._seq_len = token_bits, vocab_size, seq_len
         self._clock_hz, self._cpb = operator.index(clock_hz), operator.index(clocks_per_bit)
         self._build_id, self._max_payload = operator.index(build_id), max_payload
         self._timeout = operator.index(timeout_cycles)
         self._token_timeout = operator.index(token_timeout_cycles)
         token = unsigned(token_bits)
+        lora_ports = {"lora_in": Out(stream.Signature(8)), "lora_cmd": Out(stream.Signature(3)),
+                      "lora_status": In(STATUS_LAYOUT)} if lora else {}
         super().__init__({
             "rx": In(stream.Signature(8)),
             "tx": Out(stream.Signature(8)),
@@ -264,6 +303,7 @@ class HostLinkEngine(wiring.Component):
             "id_data": In(unsigned(32)),
             "active": Out(1),
             "error": Out(1),
+            **lora_ports,
         })
 
     token_bits = property(lambda self: self._token_bits)
@@ -275,6 +315,7 @@ class HostLinkEngine(wiring.Component):
     max_payload = property(lambda self: self._max_payload)
     timeout_cycles = property(lambda self: self._timeout)
     token_timeout_cycles = property(lambda self: self._token_timeout)
+    lora = property(lambda self: self._lora)
 
     @property
     def info_words(self):
@@ -288,6 +329,16 @@ class HostLinkEngine(wiring.Component):
     HANDLERS: ClassVar[dict] = {P.Cmd.INFO: "_exec_info", P.Cmd.RESET: "_exec_reset",
                 P.Cmd.FEED: "_exec_feed", P.Cmd.GENERATE: "_exec_generate",
                 P.Cmd.STATUS: "_exec_status"}
+
+    @property
+    def handlers(self):
+        """Command -> ``handler(s, entry)``: :attr:`HANDLERS`, plus the LoRA commands
+        (:meth:`_exec_lora`) if the engine was built with ``lora=True``."""
+        out = {cmd: getattr(self, name) for cmd, name in self.HANDLERS.items()}
+        if self._lora:
+            out.update({cmd: functools.partial(self._exec_lora, cmd)
+                        for cmd in P.LORA_COMMANDS})
+        return out
 
     def length_rule(self, cmd):
         """``(min, max, multiple_of)`` payload length of a request (see
@@ -393,6 +444,44 @@ class HostLinkEngine(wiring.Component):
                     then=then)
 
 
+    def _exec_lora(self, cmd, s, entry):
+        """A LoRA command: forward the payload bytes (LORA_DATA) or the loader command, then
+        reply with the loader's status, or LORA_REJECTED if the loader reports an error."""
+        m, code = s.m, P.LORA_COMMANDS[cmd]
+        status = self.lora_status.as_value()
+        if cmd == P.Cmd.LORA_STATUS:
+            with m.State(entry):
+                s.reply(cmd | P.REPLY, 2, [status[8:16], status[0:8]])
+            return
+        if code is None:                                # LORA_DATA: stream the buffer
+            with m.State(entry):
+                m.d.sync += s.i.eq(0)
+                m.next = f"{entry}_READ"
+            with m.State(f"{entry}_READ"):              # read port: data next cycle
+                m.d.comb += s.rd.addr.eq(s.i)
+                m.next = f"{entry}_SEND"
+            with m.State(f"{entry}_SEND"):
+                m.d.comb += [s.rd.addr.eq(s.i), self.lora_in.valid.eq(1),
+                             self.lora_in.payload.eq(s.rd.data)]
+                with m.If(self.lora_in.ready):
+                    m.d.sync += s.i.eq(s.i + 1)
+                    m.next = f"{entry}_READ"
+                    with m.If(s.i == s.length - 1):
+                        m.next = f"{entry}_SETTLE"
+        else:
+            with m.State(entry):
+                m.d.comb += [self.lora_cmd.valid.eq(1), self.lora_cmd.payload.eq(code)]
+                with m.If(self.lora_cmd.ready):
+                    m.next = f"{entry}_SETTLE"
+        with m.State(f"{entry}_SETTLE"):                # the status register catches up
+            m.next = f"{entry}_CHECK"
+        with m.State(f"{entry}_CHECK"):
+            with m.If(self.lora_status.error != 0):
+                s.fail(P.Err.LORA_REJECTED, self.lora_status.error)
+            with m.Else():
+                s.reply(cmd | P.REPLY, 2, [status[8:16], status[0:8]])
+
+
 def _entry(cmd):
     return f"CMD_{int(cmd):02X}"
 
@@ -485,7 +574,8 @@ class _State:
 
         # length rules per command, from the one table in .protocol
         known, length_ok = Const(0, 1), Const(0, 1)
-        for cmd in link.HANDLERS:
+        handlers = link.handlers
+        for cmd in handlers:
             lo, hi, mult = link.length_rule(cmd)
             is_cmd = self.cmd == cmd
             ok = (self.length >= lo) & (self.length <= hi)
@@ -544,27 +634,22 @@ class _State:
                         m.next = "CRC_HI"
                 with m.Elif(idle):
                     self._timeout(5 + self.count)
-            with m.State("CRC_HI"):
-                m.d.comb += rx.ready.eq(1)
-                with m.If(rx.valid):
-                    m.d.sync += self.crc_rx[8:16].eq(rx.payload)
-                    m.next = "CRC_LO"
-                with m.Elif(idle):
-                    self._timeout(5 + self.length)
-            with m.State("CRC_LO"):
-                m.d.comb += rx.ready.eq(1)
-                with m.If(rx.valid):
-                    m.d.sync += self.crc_rx[0:8].eq(rx.payload)
-                    m.next = "VERIFY"
-                with m.Elif(idle):
-                    self._timeout(6 + self.length)
+            for state, byte, then, got_bytes in (("CRC_HI", self.crc_rx[8:16], "CRC_LO", 5),
+                                                 ("CRC_LO", self.crc_rx[0:8], "VERIFY", 6)):
+                with m.State(state):
+                    m.d.comb += rx.ready.eq(1)
+                    with m.If(rx.valid):
+                        m.d.sync += byte.eq(rx.payload)
+                        m.next = then
+                    with m.Elif(idle):
+                        self._timeout(got_bytes + self.length)
             with m.State("VERIFY"):
                 with m.If(self.crc_rx != self.crc):
                     self._drain(P.Err.BAD_CRC, self.crc_rx)
                 with m.Else():
                     m.d.sync += self.junk.eq(0)
                     with m.Switch(self.cmd):
-                        for cmd in link.HANDLERS:
+                        for cmd in handlers:
                             with m.Case(cmd):
                                 m.next = _entry(cmd)
             with m.State("DRAIN"):                  # rest of a bad frame: wait for silence
@@ -584,8 +669,8 @@ class _State:
                 with m.Else():
                     m.next = "IDLE"
 
-            for cmd, method in link.HANDLERS.items():
-                getattr(link, method)(self, _entry(cmd))
+            for cmd, handler in handlers.items():
+                handler(self, _entry(cmd))
 
             parser = ("IDLE", "JUNK", "HEADER", "CHECK", "PAYLOAD", "CRC_HI", "CRC_LO",
                       "VERIFY", "DRAIN")

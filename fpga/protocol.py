@@ -1,5 +1,5 @@
 """The host link's wire format, shared by the gateware (:mod:`.hostlink`) and the host
-(:mod:`.host`). Pure Python: constants, CRC, frame encoding and an incremental decoder.
+(:mod:`.host`): constants, CRC, frame encoding and an incremental decoder.
 
 A frame, in either direction (multi-byte fields big-endian)::
 
@@ -12,7 +12,8 @@ A frame, in either direction (multi-byte fields big-endian)::
     5+LEN   2     CRC      CRC-16/CCITT-FALSE over VERSION..PAYLOAD (not SYNC)
 
 CRC-16/CCITT-FALSE: polynomial 0x1021, initial value 0xFFFF, no reflection, no final XOR
-(``crc16(b"123456789") == 0x29B1``). See ``docs/host_link.md`` for the commands.
+(``crc16(b"123456789") == 0x29B1``). See ``docs/host_link.md`` for the commands. The LoRA
+command and error codes come from ``hdl/lora_loader.py`` (one table for both sides).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import enum
 import struct
 from dataclasses import dataclass
 
+from hardwire.hdl.lora_loader import LoraCmd, LoraError
+
 __all__ = [
     "CRC_BYTES",
     "ERROR_REPLY",
@@ -28,6 +31,9 @@ __all__ = [
     "ID_WORDS",
     "INFO_HEADER_WORDS",
     "LAST_FLAG",
+    "LORA_COMMANDS",
+    "LORA_ERROR_TEXT",
+    "LORA_STATUS_BITS",
     "REPLY",
     "RESERVED_LORA",
     "STATUS_BUSY",
@@ -44,6 +50,7 @@ __all__ = [
     "crc16_update",
     "encode_frame",
     "length_rule",
+    "lora_status",
 ]
 
 SYNC = 0xA5
@@ -52,7 +59,8 @@ VERSION = 1
 REPLY = 0x80
 HEADER_BYTES = 5
 CRC_BYTES = 2
-#: Command numbers reserved for LoRA adapter upload (not implemented yet: UNKNOWN_CMD).
+#: Command numbers reserved for LoRA adapter upload (0x10..0x16 used; a chip built without
+#: LoRA answers all of them with UNKNOWN_CMD).
 RESERVED_LORA = range(0x10, 0x20)
 
 
@@ -63,6 +71,13 @@ class Cmd(enum.IntEnum):
     FEED = 0x03       #: payload: token ids (u16 each); reply: the next token after the last
     GENERATE = 0x04   #: payload: n (u16) [, stop token (u16)]; replies: one TOKEN frame each
     STATUS = 0x05     #: -> pos, flags, pending token, error frame count
+    LORA_BEGIN = 0x10    #: open an upload into the inactive LoRA bank; -> LoRA status (u16)
+    LORA_DATA = 0x11     #: payload: the next image bytes (1..max_payload); -> LoRA status
+    LORA_COMMIT = 0x12   #: check the upload; the bank becomes active at the next token boundary
+    LORA_ENABLE = 0x13   #: adapter on (from the next token boundary)
+    LORA_DISABLE = 0x14  #: adapter off (from the next token boundary)
+    LORA_LOCK = 0x15     #: refuse further uploads and switches until reset
+    LORA_STATUS = 0x16   #: -> LoRA status (u16)
 
 
 #: Command byte of the ERROR reply.
@@ -82,6 +97,35 @@ class Err(enum.IntEnum):
     TOKEN_RANGE = 0x10    #: a FEED token >= vocab_size (detail: its index; earlier ones fed)
     CONTEXT_FULL = 0x11   #: pos == seq_len (detail: tokens processed by this command)
     CHIP_TIMEOUT = 0x12   #: the chip did not answer within the watchdog (detail: index)
+    LORA_REJECTED = 0x13  #: the LoRA loader refused the command (detail: its LoraError code)
+
+
+#: LoRA link command -> the loader command it forwards (None: LORA_DATA, LORA_STATUS).
+LORA_COMMANDS = {Cmd.LORA_BEGIN: LoraCmd.BEGIN, Cmd.LORA_DATA: None,
+                 Cmd.LORA_COMMIT: LoraCmd.COMMIT, Cmd.LORA_ENABLE: LoraCmd.ENABLE,
+                 Cmd.LORA_DISABLE: LoraCmd.DISABLE, Cmd.LORA_LOCK: LoraCmd.LOCK,
+                 Cmd.LORA_STATUS: None}
+#: Bits of the LoRA status word (``hdl.lora_loader.STATUS_LAYOUT``), bit 0 first; bits 8..15
+#: are the loader's last error code (:class:`~hardwire.hdl.lora_loader.LoraError`).
+LORA_STATUS_BITS = ("bank", "on", "pending", "locked", "busy", "enabled", "valid")
+#: What each loader error means, for messages.
+LORA_ERROR_TEXT = {
+    LoraError.OK: "no error",
+    LoraError.LOCKED: "the adapter is locked until the chip is reset",
+    LoraError.NO_BEGIN: "no upload in progress",
+    LoraError.OVERFLOW: "more bytes than the image length the chip expects",
+    LoraError.TRUNCATED: "the image is shorter than the chip expects",
+    LoraError.MAGIC: "not a hardwire LoRA image (magic)",
+    LoraError.VERSION: "image version not supported by the chip",
+    LoraError.HEADER: "bad header size or reserved field",
+    LoraError.MASK: "target matrices differ from the chip's",
+    LoraError.R_MAX: "r_max differs from the chip's",
+    LoraError.RANK: "rank above r_max",
+    LoraError.CRC: "CRC mismatch: the image is corrupt",
+    LoraError.DIGEST: "packed for another base model or datapath (digest)",
+    LoraError.SHAPE: "layer count or dimensions differ from the chip's",
+    LoraError.BAD_CMD: "unknown loader command",
+}
 
 
 #: Flag bit of a GENERATE TOKEN frame's third byte: this is the last token of the command.
@@ -104,8 +148,24 @@ def length_rule(cmd: int, max_payload: int):
         Cmd.FEED: (2, max_payload - max_payload % 2, 2),
         Cmd.GENERATE: (2, 4, 2),
         Cmd.STATUS: (0, 0, 1),
+        Cmd.LORA_DATA: (1, max_payload, 1),
     }
+    if cmd in LORA_COMMANDS and cmd != Cmd.LORA_DATA:
+        return (0, 0, 1)
     return rules.get(cmd)
+
+
+def lora_status(word: int) -> dict:
+    """Decode a LoRA status word: the flags of :data:`LORA_STATUS_BITS` and ``error`` (a
+    :class:`~hardwire.hdl.lora_loader.LoraError`, or the raw code if unknown)."""
+    out = {name: bool(word >> k & 1) for k, name in enumerate(LORA_STATUS_BITS)}
+    out["bank"] = word & 1
+    code = word >> 8 & 0xFF
+    try:
+        out["error"] = LoraError(code)
+    except ValueError:
+        out["error"] = code
+    return out
 
 
 def crc16_update(crc: int, byte: int) -> int:

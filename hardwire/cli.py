@@ -46,6 +46,51 @@ def _add_model_args(p, *, seq_len=True):
                        help="cap the context length (default: the model's)")
 
 
+_LORA_SHORT = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3",
+               "down": "w2"}
+
+
+def _add_lora_build_args(p):
+    p.add_argument("--lora-targets", default=None,
+                   help="build a LoRA datapath for these projections: any of q,k,v,o,gate,up,"
+                        "down (or wq..w3); default none (no LoRA hardware)")
+    p.add_argument("--lora-rank", type=_positive_int, default=None,
+                   help="LoRA SRAM rank r_max, a power of two (8; needs --lora-targets)")
+
+
+def _lora_spec(args):
+    """The :class:`~hardwire.compiler.chip_builder.LoraSpec` of ``--lora-targets`` and
+    ``--lora-rank``, or None."""
+    targets, rank = getattr(args, "lora_targets", None), getattr(args, "lora_rank", None)
+    if targets is None:
+        if rank is not None:
+            raise HardwireError("--lora-rank needs --lora-targets")
+        return None
+    from hardwire.compiler.chip_builder import LoraSpec
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    bad = [t for t in names if t not in _LORA_SHORT and t not in _LORA_SHORT.values()]
+    if bad or not names:
+        raise HardwireError(f"--lora-targets: unknown projection {bad[0] if bad else '(none)'!r}"
+                            f" (q, k, v, o, gate, up, down)")
+    try:
+        return LoraSpec(targets=tuple(_LORA_SHORT.get(t, t) for t in names),
+                        r_max=8 if rank is None else rank)
+    except ValueError as e:
+        raise HardwireError(f"--lora-rank: {e}") from None
+
+
+def _lora_kw(fn, args, command):
+    """``{"lora": spec}`` for ``fn`` when LoRA was asked for (and ``fn`` takes it)."""
+    import inspect
+    spec = _lora_spec(args)
+    if spec is None:
+        return {}
+    if "lora" not in inspect.signature(fn).parameters:
+        raise HardwireError(f"{command} --lora-targets: not supported by this build's "
+                            f"{fn.__module__}.{fn.__name__} yet")
+    return {"lora": spec}
+
+
 def _build_parser():
     ap = _Parser(prog="hardwire", description="Compile a Llama checkpoint into a chip.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -70,6 +115,7 @@ def _build_parser():
     p.add_argument("--fold", default=None, help="rtl engine: folding (see compile --help)")
     p.add_argument("--build-dir", default="build", help="where simulations are cached")
     p.add_argument("--lora", default=None, help="PEFT adapter folder (float and golden engines)")
+    _add_lora_build_args(p)
 
     p = sub.add_parser("lora", help="LoRA adapters: pack a PEFT adapter into a chip image")
     lsub = p.add_subparsers(dest="lora_command", metavar="ACTION", parser_class=_Parser,
@@ -79,6 +125,19 @@ def _build_parser():
     lp.add_argument("--model", required=True, help="the base model the chip was compiled from")
     lp.add_argument("--wbits", default="8", help="the chip's weight widths")
     lp.add_argument("-o", "--out", required=True, help="image file to write")
+    lp = lsub.add_parser("load", help="upload an image into a board's LoRA bank and commit it")
+    lp.add_argument("image", help="adapter image (hardwire lora pack)")
+    lp.add_argument("--port", required=True, help="serial port of the board or board-sim pty")
+    lp.add_argument("--baud", type=_positive_int, default=115200, help="baud rate (115200)")
+    lp.add_argument("--commit", action=argparse.BooleanOptionalAction, default=True,
+                    help="commit after the upload (default); --no-commit only uploads")
+    lp.add_argument("--enable", action=argparse.BooleanOptionalAction, default=True,
+                    help="switch the adapter on after the commit (default)")
+    lp.add_argument("--lock", action="store_true",
+                    help="lock the loader afterwards: no further uploads until reset")
+    lp.add_argument("--timeout", type=_positive_float, default=10.0,
+                    help="seconds to wait for each reply (10)")
+    lp.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("quantize", help="quantize and report agreement with the float model")
     _add_model_args(p)
@@ -101,6 +160,7 @@ def _build_parser():
     p.add_argument("--mac-budget", type=_positive_int, default=None,
                    help="planner: at most this many multipliers in all")
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
+    _add_lora_build_args(p)
 
     p = sub.add_parser("synth", help="FPGA bitstream of the chip on a board, with resource "
                        "and speed report (synth.json)")
@@ -117,6 +177,7 @@ def _build_parser():
                    help="Yosys LUT mapping (auto: abc9, falling back to abc)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (1)")
     p.add_argument("--json", action="store_true", help="print synth.json to stdout")
+    _add_lora_build_args(p)
 
     p = sub.add_parser("board-sim", help="simulate the whole board (UART, host link, chip); "
                        "its serial port appears as a pty")
@@ -126,6 +187,7 @@ def _build_parser():
     p.add_argument("--baud-divisor", type=_positive_int, default=8,
                    help="clocks per UART bit in the simulation (8)")
     p.add_argument("--build-dir", default="build", help="where simulations are cached")
+    _add_lora_build_args(p)
 
     p = sub.add_parser("chat", help="generate text on a board or a board-sim pty")
     p.add_argument("--port", required=True, help="serial port (/dev/ttyUSB0, or the pty "
@@ -146,7 +208,7 @@ def _cmd_synth(args):
     rep = synth_board(args.model, args.out, board=args.board, wbits=args.wbits,
                       seq_len=args.seq_len, fold=args.fold, clock_mhz=args.clock_mhz,
                       baud=args.baud, seed=args.seed, lut_mapper=args.lut_mapper,
-                      progress=not args.json)
+                      progress=not args.json, **_lora_kw(synth_board, args, "synth"))
     if args.json:
         print(json.dumps(rep, indent=2))
     else:
@@ -157,7 +219,8 @@ def _cmd_synth(args):
 def _cmd_board_sim(args):
     from hardwire.fpga.board_sim import run_board_sim
     run_board_sim(args.model, wbits=args.wbits, seq_len=args.seq_len, fold=args.fold,
-                  cpb=args.baud_divisor, build_dir=args.build_dir)
+                  cpb=args.baud_divisor, build_dir=args.build_dir,
+                  **_lora_kw(run_board_sim, args, "board-sim"))
 
 
 def _cmd_chat(args):
@@ -179,7 +242,8 @@ def _cmd_compile(args):
     from hardwire.compiler.emit import compile_model, format_report
     rep = compile_model(args.model, args.out, wbits=args.wbits, seq_len=args.seq_len,
                         fold=args.fold, target_cycles=args.target_cycles,
-                        mac_budget=args.mac_budget, progress=None if args.json else sys.stderr)
+                        mac_budget=args.mac_budget, progress=None if args.json else sys.stderr,
+                        **_lora_kw(compile_model, args, "compile"))
     if args.json:
         print(json.dumps(rep, indent=2))
     else:
@@ -202,13 +266,24 @@ def _cmd_run(args):
         args.model, tokenizer=args.tokenizer, prompt=args.prompt, n=args.n, engine=args.engine,
         wbits=args.wbits, seq_len=args.seq_len, clock_mhz=args.clock_mhz, trace=args.trace,
         fold=args.fold, build_dir=args.build_dir, lora=args.lora,
-        progress=None if args.json else sys.stderr)
+        progress=None if args.json else sys.stderr, **_lora_build_kw(api.run_generation, args))
     if args.json:
         print(json.dumps(result))
     else:
         print(result["text"])
         if "cycles" in result:
             print(api.format_cycles(result), file=sys.stderr)
+
+
+def _lora_build_kw(fn, args):
+    """``run``: the chip's LoRA build (``lora_spec=``) for the rtl engine, when asked for."""
+    import inspect
+    spec = _lora_spec(args)
+    if spec is None:
+        return {}
+    if "lora_spec" not in inspect.signature(fn).parameters:
+        raise HardwireError("run --lora-targets: not supported by this build's rtl engine yet")
+    return {"lora_spec": spec}
 
 
 def _cmd_quantize(args):
@@ -223,12 +298,41 @@ def _cmd_quantize(args):
 
 
 def _cmd_lora(args):
+    if args.lora_command == "load":
+        return _cmd_lora_load(args)
     from hardwire.compiler.loaders import load_model
     from hardwire.compiler.lora_image import pack_lora, write_image
     model = load_model(args.model)
     data = pack_lora(args.adapter, model, wbits=args.wbits)
     write_image(args.out, data)
     print(f"wrote {args.out} ({len(data):,} bytes)")
+
+
+def _cmd_lora_load(args):
+    from hardwire.fpga.host import lora_load
+
+    shown = []
+
+    def progress(sent, total):
+        shown.append(sent)
+        print(f"\ruploading {sent:,}/{total:,} bytes", end="", file=sys.stderr, flush=True)
+    try:
+        res = lora_load(args.port, args.image, baud=args.baud, timeout=args.timeout,
+                        commit=args.commit, enable=args.enable, lock=args.lock,
+                        progress=None if args.json else progress)
+    finally:
+        if shown:
+            print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(res))
+        return
+    st, h = res["status"], res["header"]
+    print(f"{res['image']}: {h['bytes']:,} bytes, {h['n_layers']} layers, "
+          f"{','.join(h['targets'])}, rank {h['rank']}/{h['r_max']}, "
+          f"{res['bytes_per_s']:,.0f} B/s")
+    state = "committed" if res["committed"] else "uploaded, not committed"
+    print(f"{state}: active bank {st['bank']}, adapter {'on' if st['on'] else 'off'}"
+          f"{', switch pending' if st['pending'] else ''}{', locked' if st['locked'] else ''}")
 
 
 COMMANDS = {"lora": _cmd_lora, "inspect": _cmd_inspect, "run": _cmd_run, "quantize": _cmd_quantize,

@@ -16,6 +16,7 @@ from .argmax import Argmax
 from .arith import pos_shape, vector_layout
 from .decoder import DecoderLayer
 from .embedding import EmbeddingROM
+from .lora_loader import STATUS_LAYOUT, LoraLoader
 from .matvec import MatVecUnit
 from .rmsnorm import RMSNorm
 
@@ -46,12 +47,14 @@ def _hex_words(hex_digest, n, *, what):
 
 
 def id_rom_words(*, model_hash, dim, n_layers, n_heads, n_kv_heads, hidden_dim, vocab_size,
-                 seq_len, weight_bits, digest):
+                 seq_len, weight_bits, digest, lora_mask=0, lora_r_max=0,
+                 lora_image_length=0):
     """Contents of the chip's ID ROM (see :class:`LlamaChip`), as a list of 32-bit words.
 
     ``model_hash`` and ``digest`` are hex strings (the model's content sha256 and the
     quantized datapath's digest); ``weight_bits`` maps each of :data:`WEIGHT_CLASSES` to its
-    width (3..15).
+    width (3..15). A chip with LoRA sets ``lora_mask`` (bit ``i``: target ``i`` of
+    ``wq, wk, wv, wo, w1, w2, w3``), ``lora_r_max`` and ``lora_image_length`` (words 19, 20).
     """
     words = [ID_MAGIC, ID_VERSION]
     words += _hex_words(model_hash, 8, what="model_hash")
@@ -72,6 +75,12 @@ def id_rom_words(*, model_hash, dim, n_layers, n_heads, n_kv_heads, hidden_dim, 
         packed |= b << (4 * k)
     words.append(packed)
     words += _hex_words(digest, 1, what="digest")
+    if lora_mask:
+        if not (0 < lora_mask < 1 << 7 and 0 < lora_r_max < 1 << 16
+                and 0 < lora_image_length < 1 << 32):
+            raise ValueError(f"LoRA ID fields out of range: mask {lora_mask}, r_max "
+                             f"{lora_r_max}, image length {lora_image_length}")
+        words += [lora_mask | lora_r_max << 8, lora_image_length]
     return words + [0] * (ID_WORDS - len(words))
 
 
@@ -105,7 +114,10 @@ class LlamaChip(wiring.Component):
     17      weight bits: ``embed | attn_qkv << 4 | attn_out << 8 | ffn_gate_up << 12 |
             ffn_down << 16``
     18      first 4 bytes of the quantized datapath digest (big-endian)
-    19..63  zero
+    19      LoRA: ``target mask | r_max << 8`` (mask bit 0 ``wq`` .. 6 ``w3``, as the image
+            header), 0 without LoRA
+    20      LoRA: the length in bytes of a complete adapter image for this build, 0 without
+    21..63  zero
     ======  =================================================================================
 
     Debug tap (never stalls the chip): in the cycle after layer ``i``'s output vector (golden
@@ -128,6 +140,10 @@ class LlamaChip(wiring.Component):
         ``vocab_size x dim`` classifier (logits).
     id_words : sequence of int
         At most 64 words of 32 bits for the ID ROM (:func:`id_rom_words`).
+    lora_loader : LoraLoader, optional
+        With LoRA projections in the layers: the adapter loader, whose ``wr``, ``bank`` and
+        ``on`` drive every layer's LoRA ports; its ``boundary`` is high while the chip is
+        idle (not ``busy``), so a bank switch or enable never lands inside a token.
 
     Members
     -------
@@ -148,9 +164,13 @@ class LlamaChip(wiring.Component):
     tap_valid : ``Out(1)``; tap_layer : ``Out(unsigned(max(1, ceil(log2(n_layers)))))``;
     tap_data : ``Out(vector_layout(resid_bits, dim))``
         Layer output debug tap.
+    lora_in : ``In(stream.Signature(8))``; lora_cmd : ``In(stream.Signature(3))``;
+    lora_status : ``Out(STATUS_LAYOUT)``
+        Only with ``lora_loader``: its image bytes, commands and status word.
     """
 
-    def __init__(self, *, embedding, layers, final_norm, classifier, id_words):
+    def __init__(self, *, embedding, layers, final_norm, classifier, id_words,
+                 lora_loader=None):
         layers = list(layers)
         if not isinstance(embedding, EmbeddingROM):
             raise ValueError(f"embedding must be an EmbeddingROM, not "
@@ -192,6 +212,20 @@ class LlamaChip(wiring.Component):
         if bad:
             raise ValueError(f"id_words must be 32-bit unsigned words, not {bad[0]}")
 
+        with_lora = [k for k, layer in enumerate(layers) if layer.lora_targets]
+        if lora_loader is not None:
+            if not isinstance(lora_loader, LoraLoader):
+                raise ValueError(f"lora_loader must be a LoraLoader, not "
+                                 f"{type(lora_loader).__name__}")
+            if not with_lora:
+                raise ValueError("lora_loader given, but no layer has a LoRA projection")
+            for k in with_lora:
+                same(f"layers[{k}].lora_wr.addr width", len(layers[k].lora_wr.addr),
+                     lora_loader.addr_bits, "the loader's addr_bits")
+        elif with_lora:
+            raise ValueError(f"layers[{with_lora[0]}] has LoRA projections but no lora_loader "
+                             "was given")
+        self._lora_loader = lora_loader
         self._embedding, self._layers = embedding, layers
         self._final_norm, self._classifier = final_norm, classifier
         self._argmax = Argmax(n=vocab, bits=classifier.out_bits, lanes=classifier.pe)
@@ -199,7 +233,10 @@ class LlamaChip(wiring.Component):
         self._dim, self._resid_bits, self._seq_len, self._vocab = dim, rbits, n_pos, vocab
         self._token_bits = max(1, (vocab - 1).bit_length()) + 1
         token = unsigned(self._token_bits)
+        lora_ports = {"lora_in": In(stream.Signature(8)), "lora_cmd": In(stream.Signature(3)),
+                      "lora_status": Out(STATUS_LAYOUT)} if lora_loader is not None else {}
         super().__init__({
+            **lora_ports,
             "token_in": In(stream.Signature(token)),
             "token_out": Out(stream.Signature(token)),
             "reset_ctx": In(1),
@@ -220,6 +257,7 @@ class LlamaChip(wiring.Component):
     classifier = property(lambda self: self._classifier)
     argmax = property(lambda self: self._argmax)
     id_words = property(lambda self: list(self._id_words))
+    lora_loader = property(lambda self: self._lora_loader)
     dim = property(lambda self: self._dim)
     n_layers = property(lambda self: len(self._layers))
     resid_bits = property(lambda self: self._resid_bits)
@@ -233,25 +271,27 @@ class LlamaChip(wiring.Component):
         return (sum(layer.mac_units for layer in self._layers) +
                 self._classifier.mac_units)
 
-    def cycle_breakdown(self, pos):
+    def cycle_breakdown(self, pos, *, lora_on=True):
         """Cycles per stage of one token at ``pos`` (``token_out.ready`` high), keyed
         ``embed``, ``L{i}.<stage>`` (see :meth:`DecoderLayer.cycle_breakdown`),
-        ``final_norm``, ``classifier``, ``argmax``; they add up to :meth:`cycles_per_token`."""
+        ``final_norm``, ``classifier``, ``argmax``; they add up to :meth:`cycles_per_token`.
+        ``lora_on``: with the adapter on (the default) or off (the base cycles)."""
         if not 0 <= pos < self._seq_len:
             raise ValueError(f"pos ({pos}) must lie in [0, seq_len = {self._seq_len})")
         out = {"embed": self._embedding.latency()}
         for k, layer in enumerate(self._layers):
-            out.update({f"L{k}.{n}": c for n, c in layer.cycle_breakdown(pos).items()})
+            out.update({f"L{k}.{n}": c for n, c in
+                        layer.cycle_breakdown(pos, lora_on=lora_on).items()})
         out["final_norm"] = self._final_norm.latency()
         out["classifier"] = self._classifier.cycles_per_vector()
         out["argmax"] = self._argmax.latency()
         return out
 
-    def cycles_per_token(self, pos):
+    def cycles_per_token(self, pos, *, lora_on=True):
         """Cycles from the ``token_in`` transfer of a token at position ``pos`` to the first
         cycle its ``token_out.valid`` is high, with ``token_out.ready`` held high. The next
         token can be taken in the cycle after the ``token_out`` transfer."""
-        return sum(self.cycle_breakdown(pos).values())
+        return sum(self.cycle_breakdown(pos, lora_on=lora_on).values())
 
     def elaborate(self, platform):
         m = Module()
@@ -301,6 +341,19 @@ class LlamaChip(wiring.Component):
         ]
         with m.If(self.token_out.valid & self.token_out.ready):
             m.d.sync += self.busy.eq(0)
+
+        # ---- LoRA: the loader drives every layer's SRAM writes, bank and switch
+        if self._lora_loader is not None:
+            m.submodules.lora_loader = ld = self._lora_loader
+            wiring.connect(m, wiring.flipped(self.lora_in), ld.i)
+            wiring.connect(m, wiring.flipped(self.lora_cmd), ld.cmd)
+            m.d.comb += [ld.boundary.eq(~self.busy), self.lora_status.eq(ld.status)]
+            for layer in self._layers:
+                if layer.lora_targets:
+                    m.d.comb += [layer.lora_wr.en.eq(ld.wr.en), layer.lora_wr.bank.eq(ld.wr.bank),
+                                 layer.lora_wr.addr.eq(ld.wr.addr),
+                                 layer.lora_wr.data.eq(ld.wr.data),
+                                 layer.lora_bank.eq(ld.bank), layer.lora_on.eq(ld.on)]
 
         # ---- debug tap: the transfer of each layer's output, registered
         m.d.sync += self.tap_valid.eq(0)

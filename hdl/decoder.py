@@ -6,6 +6,7 @@ from amaranth.lib.wiring import In, Out
 
 from .arith import pos_shape, vector_layout
 from .attention import Attention
+from .lora import LoraProjection, lora_write_signature
 from .matvec import MatVecUnit
 from .residual import ResidualAdd
 from .rmsnorm import RMSNorm
@@ -24,6 +25,12 @@ def matvec_cycles(unit):
     ``valid`` (``o.ready`` high): ``cycles_per_vector()``, plus 1 for the :class:`Gather`
     that collects the chunks when there is more than one."""
     return unit.cycles_per_vector() + (1 if unit.row_groups > 1 else 0)
+
+
+def _matvec_cycles(unit, lora_on):
+    if isinstance(unit, LoraProjection):
+        return unit.cycles_per_vector(lora_on) + (1 if unit.row_groups > 1 else 0)
+    return matvec_cycles(unit)
 
 
 class DecoderLayer(wiring.Component):
@@ -50,8 +57,9 @@ class DecoderLayer(wiring.Component):
     ----------
     attn_norm, ffn_norm : RMSNorm
         Norms on the residual stream (``in_bits`` = the residual width).
-    wq, wk, wv, wo, w1, w3, w2 : MatVecUnit
-        The layer's projections.
+    wq, wk, wv, wo, w1, w3, w2 : MatVecUnit or LoraProjection
+        The layer's projections; a :class:`~.lora.LoraProjection` adds its LoRA correction
+        (all LoRA projections of a layer share ``addr_bits``).
     rope_q, rope_k : RoPE
         Rotations of q (``n = dim``) and k (``n = kv_dim``).
     attention : Attention
@@ -68,6 +76,9 @@ class DecoderLayer(wiring.Component):
         (it is sampled when q, k and v enter RoPE and attention). Must be below ``n_pos``.
     o : ``Out(stream.Signature(vector_layout(resid_bits, dim)))``
         Residual stream out (golden trace ``L{i}.out``).
+    lora_wr : ``In(lora_write_signature(addr_bits))``; lora_bank, lora_on : ``In(1)``
+        Only with LoRA projections: the SRAM byte writes (to every LoRA projection; each
+        keeps the bytes of its own section), the active bank, the adapter switch.
     """
 
     def __init__(self, *, attn_norm, wq, wk, wv, rope_q, rope_k, attention, wo, ffn_norm, w1,
@@ -78,9 +89,15 @@ class DecoderLayer(wiring.Component):
         kinds = dict(attn_norm=RMSNorm, ffn_norm=RMSNorm, rope_q=RoPE, rope_k=RoPE,
                      attention=Attention, swiglu=SwiGLU, **{n: MatVecUnit for n in MATRICES})
         for name, block in blocks.items():
+            if name in MATRICES and isinstance(block, LoraProjection):
+                continue
             if not isinstance(block, kinds[name]):
                 raise ValueError(f"{name} must be a {kinds[name].__name__}, not "
                                  f"{type(block).__name__}")
+        lora = [n for n in MATRICES if isinstance(blocks[n], LoraProjection)]
+        addr_bits = {blocks[n].lora.addr_bits for n in lora}
+        if len(addr_bits) > 1:
+            raise ValueError(f"the LoRA projections' addr_bits differ: {sorted(addr_bits)}")
         dim, kv_dim, hidden = attention.dim, attention.kv_dim, swiglu.n
         rbits = attn_norm.in_bits
 
@@ -114,16 +131,26 @@ class DecoderLayer(wiring.Component):
 
         self._blocks = blocks
         self._dim, self._resid_bits = dim, rbits
-        super().__init__({
+        self._lora = tuple(lora)
+        ports = {
             "i": In(stream.Signature(vector_layout(rbits, dim))),
             "pos": In(pos_shape(attention.n_pos)),
             "o": Out(stream.Signature(vector_layout(rbits, dim))),
-        })
+        }
+        if lora:
+            ports.update(lora_wr=In(lora_write_signature(addr_bits.pop())), lora_bank=In(1),
+                         lora_on=In(1))
+        super().__init__(ports)
 
     dim = property(lambda self: self._dim)
     resid_bits = property(lambda self: self._resid_bits)
     n_pos = property(lambda self: self._blocks["attention"].n_pos)
     blocks = property(lambda self: dict(self._blocks))
+
+    @property
+    def lora_targets(self):
+        """Names of the projections with a LoRA path."""
+        return self._lora
 
     @property
     def matrices(self):
@@ -135,10 +162,15 @@ class DecoderLayer(wiring.Component):
         """Multipliers of the projections: ``sum(pe * simd)``."""
         return sum(u.mac_units for u in self.matrices.values())
 
-    def cycle_breakdown(self, pos):
+    def cycle_breakdown(self, pos, *, lora_on=True):
         """Cycles of each stage on the layer's critical path at ``pos`` (``o.ready`` high):
-        a dict whose values add up to :meth:`latency`."""
+        a dict whose values add up to :meth:`latency`. ``lora_on``: the LoRA projections'
+        cycles with the adapter on (else their base cycles)."""
         b = self._blocks
+
+        def matvec_cycles(unit):
+            return _matvec_cycles(unit, lora_on)
+
         q = matvec_cycles(b["wq"]) + b["rope_q"].latency()
         k = matvec_cycles(b["wk"]) + b["rope_k"].latency()
         v = matvec_cycles(b["wv"])
@@ -155,18 +187,23 @@ class DecoderLayer(wiring.Component):
             "ffn_res": 1,
         }
 
-    def latency(self, pos):
+    def latency(self, pos, *, lora_on=True):
         """Cycles from the input transfer at ``pos`` to the first cycle ``o.valid`` is high
         (``o.ready`` held high): the sum of :meth:`cycle_breakdown`. Every stage is idle when
         its input arrives, so stage latencies add; parallel branches (q/k/v, w1/w3) count
         their slowest."""
-        return sum(self.cycle_breakdown(pos).values())
+        return sum(self.cycle_breakdown(pos, lora_on=lora_on).values())
 
     def elaborate(self, platform):
         m = Module()
         b = self._blocks
         for name, block in b.items():
             m.submodules[name] = block
+        for name in self._lora:
+            m.d.comb += [b[name].wr.en.eq(self.lora_wr.en), b[name].wr.bank.eq(self.lora_wr.bank),
+                         b[name].wr.addr.eq(self.lora_wr.addr),
+                         b[name].wr.data.eq(self.lora_wr.data),
+                         b[name].bank.eq(self.lora_bank), b[name].on.eq(self.lora_on)]
         rvec = vector_layout(self._resid_bits, self._dim)
 
         def fork(name, src, shape, n):

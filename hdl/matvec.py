@@ -141,7 +141,7 @@ class MatVecUnit(wiring.Component):
     """
 
     def __init__(self, *, weights, weight_bits, in_bits=8, mult, shift, out_bits, pe, simd,
-                 acc_bits=32, form="rom"):
+                 acc_bits=32, form="rom", correction_bits=None):
         if form not in FORMS:
             raise ValueError(f"form must be 'rom' or 'const', not {form!r}")
         weight_bits, in_bits, out_bits = map(operator.index, (weight_bits, in_bits, out_bits))
@@ -189,10 +189,18 @@ class MatVecUnit(wiring.Component):
         self._weight_bits, self._in_bits, self._out_bits = weight_bits, in_bits, out_bits
         self._pe, self._simd, self._acc_bits, self._shift = pe, simd, acc_bits, shift
         self._acc_width, self._form = acc_width, form
-        super().__init__({
+        ports = {
             "i": In(stream.Signature(vector_layout(in_bits, cols))),
             "o": Out(stream.Signature(vector_layout(out_bits, pe))),
-        })
+        }
+        if correction_bits is not None:
+            # LoRA hook: a chunk of pe corrections per row group, added to the accumulator
+            correction_bits = operator.index(correction_bits)
+            if correction_bits < 2:
+                raise ValueError(f"correction_bits must be at least 2, not {correction_bits}")
+            ports["c"] = In(stream.Signature(vector_layout(correction_bits, pe)))
+        self._correction_bits = correction_bits
+        super().__init__(ports)
 
     # -------------------------------------------------------------------------- parameters
 
@@ -248,6 +256,15 @@ class MatVecUnit(wiring.Component):
     @property
     def form(self):
         return self._form
+
+    @property
+    def correction_bits(self):
+        """Width of the correction port ``c`` (``None``: no port). With it, row group ``g``'s
+        accumulator starts at the ``g``-th correction chunk (``c`` element ``j`` is row
+        ``g*pe + j``) instead of 0, so ``requantize(W @ x + c)`` comes out; the group's first
+        step waits for its chunk, and the accumulator is ``max(acc_width, correction_bits)``
+        bits wide."""
+        return self._correction_bits
 
     # ------------------------------------------------------------------------------ cycles
 
@@ -325,6 +342,13 @@ class MatVecUnit(wiring.Component):
                 words.append(word)
         return words
 
+    def _delay(self, m, name, values):
+        """Register the correction chunk one pipeline stage further (in step with the flags)."""
+        regs = [Signal(signed(self._correction_bits), name=f"corr_{name}{p}")
+                for p in range(len(values))]
+        m.d.sync += [r.eq(v) for r, v in zip(regs, values)]
+        return regs
+
     def elaborate(self, platform):
         m = Module()
         P, S, G, K = self._pe, self._simd, self.row_groups, self.col_steps
@@ -334,6 +358,9 @@ class MatVecUnit(wiring.Component):
         prod_w = wb + ib
         sum_w = prod_w + (S - 1).bit_length()
         acc_w = self._acc_width
+        cb = self._correction_bits
+        if cb is not None:
+            acc_w = max(acc_w, cb)
         req_w = acc_w + mult_bits
 
         # ---- issue: step counters, rotating input register, output credits
@@ -347,10 +374,20 @@ class MatVecUnit(wiring.Component):
         last_k = k == K - 1
         room = count != cap
         issue = Signal()
-        m.d.comb += [
-            issue.eq(busy & (~last_k | room)),
-            self.i.ready.eq(~busy | ((step == steps - 1) & room)),
-        ]
+        if cb is None:
+            m.d.comb += [
+                issue.eq(busy & (~last_k | room)),
+                self.i.ready.eq(~busy | ((step == steps - 1) & room)),
+            ]
+        else:
+            # a row group's first step takes its correction chunk (and waits for it)
+            corr_ok = (k != 0) | self.c.valid
+            m.d.comb += [
+                issue.eq(busy & (~last_k | room) & corr_ok),
+                self.i.ready.eq(~busy | ((step == steps - 1) & room & corr_ok)),
+                self.c.ready.eq(busy & (~last_k | room) & (k == 0)),
+            ]
+            corr = [self.c.payload[p] for p in range(P)]
         with m.If(issue):
             m.d.sync += [
                 step.eq(step + 1),
@@ -386,6 +423,8 @@ class MatVecUnit(wiring.Component):
             rd = weight_rom.read_port(domain="sync")
             m.d.comb += rd.addr.eq(step)
             src = stage("fetch", src)
+            if cb is not None:
+                corr = self._delay(m, "fetch", corr)
             xs = [Signal(signed(ib), name=f"x_fetch{s}") for s in range(S)]
             m.d.sync += [xs[s].eq(chunk[s]) for s in range(S)]
             wl = [[rd.data[(p * S + s) * wb:(p * S + s + 1) * wb].as_signed() for s in range(S)]
@@ -413,6 +452,8 @@ class MatVecUnit(wiring.Component):
 
         # ---- multiply
         src = stage("mul", src)
+        if cb is not None:
+            corr = self._delay(m, "mul", corr)
         prod = [[Signal(signed(prod_w), name=f"prod{p}_{s}") for s in range(S)]
                 for p in range(P)]
         for p in range(P):
@@ -429,13 +470,15 @@ class MatVecUnit(wiring.Component):
         lane = [Signal(signed(sum_w), name=f"lane{p}") for p in range(P)]
         m.d.sync += [lane[p].eq(_tree_sum(prod[p])) for p in range(P)]
         t_valid, t_first, t_last, t_group = src
+        if cb is not None:
+            corr = self._delay(m, "tree", corr)
 
         # ---- accumulate; the multipliers of the group are fetched alongside
         acc = [Signal(signed(acc_w), name=f"acc{p}") for p in range(P)]
         with m.If(t_valid):
             for p in range(P):
                 with m.If(t_first):
-                    m.d.sync += acc[p].eq(lane[p])
+                    m.d.sync += acc[p].eq(lane[p] if cb is None else lane[p] + corr[p])
                 with m.Else():
                     m.d.sync += acc[p].eq(acc[p] + lane[p])
         a_valid = Signal()

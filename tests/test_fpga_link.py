@@ -3,23 +3,32 @@ protocol engine against a TEST DOUBLE of the chip interface (tests/benches/board
 an arithmetic next-token function, not a model) for every command and every error path.
 The real chip is exercised end to end over the simulated UART in test_fpga_board_sim.py."""
 
+import collections
+import functools
 import random
 import struct
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from amaranth.hdl import Module, Signal
-from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
+from hardwire.compiler.loaders.random import random_model
+from hardwire.compiler.lora_image import LoraImageError, pack_lora
+from hardwire.compiler.quantize import quantize_model
 from hardwire.fpga import protocol as P
 from hardwire.fpga.board import BoardCore, clocks_per_bit, ecp5_pll
-from hardwire.fpga.hostlink import FrameTx, HostLinkEngine, crc16_next
+from hardwire.fpga.hostlink import FrameTx, HostLinkEngine, connect_chip, crc16_next
+from hardwire.fpga.host import HostLink, LoraRejected, check_lora_image, lora_load
 from hardwire.fpga.uart import UARTRx, UARTTx
+from hardwire.hdl.chip import WEIGHT_CLASSES, id_rom_words
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "benches"))
-from board_chip_double import ChipDouble, DoubleModel
+from board_chip_double import ChipDouble, DoubleModel, lora_shift
+from test_hdl_lora_loader import LoaderModel, _recrc, loader_args
+from test_lora import write_peft
 
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 
@@ -189,20 +198,19 @@ def test_uart_rx_framing_error_and_glitch():
 # ----------------------------------------------------------------------- protocol engine
 
 class LinkBench:
-    """The engine wired to the chip double; a script of byte bursts, replies collected."""
+    """The engine wired to the chip double; a script of byte bursts, replies collected.
+    With ``lora`` (loader arguments) the double holds a real LoraLoader."""
 
-    def __init__(self, *, latency=3, token_timeout=5000, max_payload=16):
-        self.chip = ChipDouble(vocab_size=V, seq_len=S, latency=latency, id_words=ID_WORDS)
+    def __init__(self, *, latency=3, token_timeout=5000, max_payload=16, lora=None,
+                 id_words=ID_WORDS):
+        self.chip = ChipDouble(vocab_size=V, seq_len=S, latency=latency, id_words=id_words,
+                               lora=lora)
         self.link = _engine(token_bits=self.chip.token_bits, build_id=0xB11D,
-                            max_payload=max_payload, token_timeout_cycles=token_timeout)
+                            max_payload=max_payload, token_timeout_cycles=token_timeout,
+                            lora=lora is not None)
         m = self.m = Module()
         m.submodules.chip, m.submodules.link = self.chip, self.link
-        wiring.connect(m, self.link.chip_in, self.chip.token_in)
-        wiring.connect(m, self.chip.token_out, self.link.chip_out)
-        c, lk = self.chip, self.link
-        m.d.comb += [c.reset_ctx.eq(lk.reset_ctx), lk.pos.eq(c.pos), lk.busy.eq(c.busy),
-                     lk.err_token.eq(c.err_token), lk.err_context.eq(c.err_context),
-                     c.id_addr.eq(lk.id_addr), lk.id_data.eq(c.id_data)]
+        connect_chip(m, self.link, self.chip)
 
     def run(self, steps, *, max_cycles=60000):
         """``steps``: ``(bytes, n_replies)``: send the bytes (a byte every other cycle),
@@ -402,3 +410,223 @@ def test_board_core_over_uart():
     assert [f.cmd for f in frames] == [0x83, 0x85]
     assert struct.unpack(">H", frames[0].payload)[0] == model.feed(6)
     assert struct.unpack(">HBHH", frames[1].payload)[:2] == (2, P.STATUS_PENDING)
+
+
+# ------------------------------------------------------------------------- LoRA upload
+
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@functools.cache
+def tiny_lora():
+    """A random tiny model, its chip's loader arguments and ID ROM, and three images: two
+    valid adapters and the first one with a flipped body byte (CRC)."""
+    model = random_model(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=12,
+                         vocab_size=32, seq_len=16, seed=4)
+    qm = quantize_model(model, wbits=8)
+    shorts = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    with tempfile.TemporaryDirectory() as tmp:
+        images = [pack_lora(write_peft(Path(tmp) / str(k), model, shorts, 2, seed=k), model,
+                            wbits=8, qm=qm, r_max=2) for k in range(2)]
+    bad = bytearray(images[0])
+    bad[100] ^= 4
+    c = model.config
+    ids = id_rom_words(model_hash="00" * 32, dim=c.dim, n_layers=c.n_layers,
+                       n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, hidden_dim=c.hidden_dim,
+                       vocab_size=V, seq_len=S, weight_bits=dict.fromkeys(WEIGHT_CLASSES, 8),
+                       digest=qm.digest())
+    return loader_args(qm, targets=TARGETS, r_max=2), ids, images + [bytes(bad)]
+
+
+class LoraScript:
+    """Link requests and the replies the loader model and the double model predict."""
+
+    def __init__(self, args):
+        self.lm, self.dm = LoaderModel(**args), DoubleModel(V, S)
+        self.steps, self.expect = [], []
+
+    def lora(self, cmd, image=b""):
+        code = P.LORA_COMMANDS[cmd]
+        chunks = [image[k:k + 16] for k in range(0, len(image), 16)] or [b""]
+        for chunk in chunks:
+            for b in chunk:
+                self.lm.byte(b)
+            if code is not None:
+                self.lm.cmd(int(code))
+            self.lm.boundary()                      # the chip is idle: a boundary
+            self.steps.append((req(cmd, chunk), 1))
+            err = self.lm.error if cmd != P.Cmd.LORA_STATUS else 0
+            self.expect.append(("error", (P.Err.LORA_REJECTED, cmd, int(err))) if err
+                               else ("status", self.lm.status()))
+        return self
+
+    def feed(self, *toks):
+        shift = lora_shift(self.lm.on, self.lm.active)
+        out = [self.dm.feed(t, shift) for t in toks][-1]
+        self.steps.append((req(P.Cmd.FEED, tokens(*toks)), 1))
+        self.expect.append(("token", out))
+        return self
+
+    def check(self, replies):
+        assert len(replies) == len(self.expect)
+        for k, (frames, (kind, want)) in enumerate(zip(replies, self.expect)):
+            assert len(frames) == 1, (k, frames)
+            f = frames[0]
+            if kind == "error":
+                assert f.is_error and f.error() == want, (k, f)
+            elif kind == "status":
+                assert not f.is_error and struct.unpack(">H", f.payload)[0] == want, (k, f)
+            else:
+                assert f.cmd == 0x83 and struct.unpack(">H", f.payload)[0] == want, (k, f)
+
+
+def test_engine_lora_upload_commit_reject_lock():
+    """Upload, commit, enable; an upload between tokens takes effect at the next token; a
+    corrupt or truncated upload is rejected (LORA_REJECTED + the loader's code) and the old
+    adapter keeps serving; lock; length rules."""
+    args, ids, (img_a, img_b, corrupt) = tiny_lora()
+    C = P.Cmd
+    s = LoraScript(args)
+    s.feed(1, 2)                                              # no adapter
+    s.lora(C.LORA_BEGIN).lora(C.LORA_DATA, img_a).lora(C.LORA_COMMIT).lora(C.LORA_ENABLE)
+    s.feed(3)                                                 # adapter A (bank 1)
+    s.lora(C.LORA_BEGIN).lora(C.LORA_DATA, img_b).lora(C.LORA_COMMIT)
+    s.feed(4)                                                 # adapter B (bank 0) from here
+    s.lora(C.LORA_BEGIN).lora(C.LORA_DATA, corrupt).lora(C.LORA_COMMIT)     # CRC
+    s.lora(C.LORA_BEGIN).lora(C.LORA_DATA, img_a[:-5]).lora(C.LORA_COMMIT)  # truncated
+    s.lora(C.LORA_DATA, img_a[:3])                                          # no BEGIN
+    s.feed(5)                                                 # still adapter B
+    s.lora(C.LORA_DISABLE).feed(6).lora(C.LORA_ENABLE).lora(C.LORA_LOCK)
+    s.lora(C.LORA_BEGIN).lora(C.LORA_STATUS).feed(7)          # locked: refused, B serving
+    assert next(e for e in s.expect if e[0] == "error")[1][2] == P.LoraError.CRC
+    assert s.lm.locked and s.lm.on and s.lm.active == 0
+    bench = LinkBench(lora=args, id_words=ids, max_payload=16)
+    steps = s.steps + [(req(C.LORA_DATA), None), (req(C.LORA_COMMIT, b"\x00"), None),
+                       (req(0x17), None)]
+    r = bench.run(steps, max_cycles=200000)
+    s.check(r[:len(s.expect)])
+    assert _err(r[-3]) == (P.Err.BAD_LENGTH, C.LORA_DATA, 0)
+    assert _err(r[-2]) == (P.Err.BAD_LENGTH, C.LORA_COMMIT, 1)
+    assert _err(r[-1]) == (P.Err.UNKNOWN_CMD, 0x17, 0)
+
+
+def test_engine_lora_negative_control():
+    """The check above can fail: predicting the old adapter after a commit is caught."""
+    args, ids, (img_a, _, _) = tiny_lora()
+    s = LoraScript(args)
+    C = P.Cmd
+    s.lora(C.LORA_BEGIN).lora(C.LORA_DATA, img_a).lora(C.LORA_COMMIT).lora(C.LORA_ENABLE)
+    s.feed(3)
+    s.expect[-1] = ("token", DoubleModel(V, S).feed(3))        # as if no adapter
+    r = LinkBench(lora=args, id_words=ids).run(s.steps, max_cycles=100000)
+    with pytest.raises(AssertionError):
+        s.check(r)
+
+
+def test_engine_without_lora_refuses_lora_commands():
+    r = LinkBench().run([(req(P.Cmd.LORA_STATUS), None), (req(P.Cmd.LORA_BEGIN), None)])
+    assert _err(r[0]) == (P.Err.UNKNOWN_CMD, P.Cmd.LORA_STATUS, 0)
+    assert _err(r[1]) == (P.Err.UNKNOWN_CMD, P.Cmd.LORA_BEGIN, 0)
+
+
+class SimSerial:
+    """A serial-port-like object whose far end is an Amaranth simulation of the engine and
+    the chip double: what the host writes is fed to ``link.rx``, ``link.tx`` is read back."""
+
+    name = "sim"
+
+    def __init__(self, bench, *, chunk=400):
+        self.bench, self.chunk = bench, chunk
+        self.inq, self.out = collections.deque(), bytearray()
+        self.sim = Simulator(bench.m)
+        self.sim.add_clock(1e-8)
+        self.now = 0
+        link = bench.link
+
+        async def wire(ctx):
+            ctx.set(link.tx.ready, 1)
+            while True:
+                if self.inq:
+                    ctx.set(link.rx.valid, 1)
+                    ctx.set(link.rx.payload, self.inq[0])
+                else:
+                    ctx.set(link.rx.valid, 0)
+                took = bool(self.inq) and ctx.get(link.rx.ready)
+                sent = ctx.get(link.tx.payload) if ctx.get(link.tx.valid) else None
+                await ctx.tick()
+                if took:
+                    self.inq.popleft()
+                if sent is not None:
+                    self.out.append(sent)
+        self.sim.add_testbench(wire)
+
+    def write(self, data):
+        self.inq.extend(data)
+
+    def read(self, n):
+        for _ in range(50):
+            if self.out:
+                break
+            self.now += self.chunk
+            self.sim.run_until(self.now * 1e-8)
+        data = bytes(self.out[:n])
+        del self.out[:n]
+        return data
+
+    def close(self):
+        pass
+
+
+def test_host_lora_load_over_simulated_link(tmp_path):
+    """HostLink / lora_load (what `hardwire lora load` runs) against the engine and a real
+    LoraLoader: upload + commit + enable, the chip's reasons for refusing a corrupt or a
+    foreign image, the old adapter serving throughout."""
+    args, ids, (img_a, img_b, corrupt) = tiny_lora()
+    bench = LinkBench(lora=args, id_words=ids, max_payload=64)
+    port = SimSerial(bench)
+    seen = []
+    res = lora_load(port, img_a, progress=lambda a, b: seen.append((a, b)), source="a.hwla")
+    assert seen[-1] == (len(img_a), len(img_a)) and len(seen) == -(-len(img_a) // 64)
+    assert (res["status"]["bank"], res["status"]["on"], res["status"]["error"]) == (1, True,
+                                                                                     "OK")
+    link = HostLink(port, timeout=30)
+    dm = DoubleModel(V, S)
+    assert link.feed([3]) == dm.feed(3, lora_shift(1, 1))
+    with pytest.raises(LoraRejected, match=r"LORA_COMMIT: CRC mismatch.*\(CRC\); the active "
+                                           r"adapter is unchanged"):
+        link.lora_upload(corrupt)
+    st = link.lora_status()
+    assert (st["bank"], st["on"], st["error"]) == (1, True, P.LoraError.CRC)
+    assert link.feed([4]) == dm.feed(4, lora_shift(1, 1))
+    # a foreign image (another digest) is refused by the host check before any upload ...
+    foreign = bytearray(img_b)
+    foreign[8] ^= 1
+    foreign = _recrc(foreign)
+    info = link.info()
+    with pytest.raises(LoraImageError, match=r"^f.hwla: packed for another base model"):
+        check_lora_image(foreign, info=info, source="f.hwla")
+    # ... and by the chip if sent anyway
+    with pytest.raises(LoraRejected, match=r"\(DIGEST\)"):
+        link.lora_upload(foreign)
+    link.lora_upload(img_b, commit=True)
+    assert link.feed([5]) == dm.feed(5, lora_shift(1, 0))     # still enabled: B, bank 0
+    link.close()
+
+
+def test_lora_load_cli_errors(tmp_path, capsys):
+    """`hardwire lora load`: a bad image or a bad port is one line, exit 2."""
+    from hardwire.cli import main
+    _, _, (img_a, _, corrupt) = tiny_lora()
+    good, bad = tmp_path / "a.hwla", tmp_path / "bad.hwla"
+    good.write_bytes(img_a)
+    bad.write_bytes(corrupt)
+    cases = [
+        ([str(tmp_path / "none.hwla"), "--port", "/dev/null"], "none.hwla: no such file"),
+        ([str(bad), "--port", "/dev/null"], "bad.hwla: CRC mismatch"),
+        ([str(good), "--port", str(tmp_path / "ttyNONE")], "cannot open"),
+        ([str(good)], "the following arguments are required: --port"),
+    ]
+    for argv, text in cases:
+        assert main(["lora", "load", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("hardwire: error:") and text in err, err
