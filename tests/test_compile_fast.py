@@ -41,8 +41,8 @@ def test_chip_rtlil_and_verilog_equal_stock(tiny_qm, fold):
     name = chip_name(tiny_qm)
     fast = chip_rtlil(build_chip(tiny_qm, plan), name=name)
     assert fast == _stock_rtlil(build_chip(tiny_qm, plan), name)
-    stock_v = verilog.convert(build_chip(tiny_qm, plan), name=name,
-                              ports=_ports(build_chip(tiny_qm, plan)), emit_src=False)
+    chip = build_chip(tiny_qm, plan)
+    stock_v = verilog.convert(chip, name=name, ports=_ports(chip), emit_src=False)
     assert rtlil_to_verilog(fast) == stock_v
 
 
@@ -102,8 +102,9 @@ def test_memory_inits_equal_stock(seed):
     stock = _stock_rtlil(_Roms(seed), "roms")
     assert fast == stock
     assert fast != _stock_rtlil(_Roms(seed + 10), "roms")      # negative control
+    roms = _Roms(seed)
     assert convert_verilog(_Roms(seed), name="roms") == verilog.convert(
-        _Roms(seed), name="roms", ports=_ports(_Roms(seed)), emit_src=False)
+        roms, name="roms", ports=_ports(roms), emit_src=False)
 
 
 @pytest.mark.parametrize("shape, init", [
