@@ -1,27 +1,33 @@
-"""Faster Amaranth 0.5 netlist checks and RTLIL emission, with byte-identical output.
+"""Faster Amaranth 0.5 netlist building and RTLIL emission, with byte-identical output.
 
-``hardwire compile`` of stories260K spent most of its time in three per-bit Python loops of
-Amaranth 0.5's back end (profiled with cProfile):
+``hardwire compile`` of stories260K spent most of its time in per-bit Python loops of
+Amaranth 0.5's back end (profiled with cProfile; the old path also elaborated and converted the
+chip twice, once for Verilog and once for RTLIL):
 
 * ``Netlist.check_comb_cycles`` walks every comb edge of every net bit; an ``n``-bit adder or
-  shifter has ``n**2`` of them (about 62 million calls for stories260K);
+  shifter has ``n**2`` of them (62 million calls for stories260K);
 * ``rtlil.ModuleEmitter.emit_memory`` turns every bit of a memory's initial contents into a
-  ``Net`` object, then into a one-character string (about 5 million bits of ROM);
-* ``MemoryData.Init`` converts every row of a memory whose shape is a layout (``ArrayLayout``
-  tables of RoPE, attention, embedding) through ``Layout.const``, building a view per row.
+  ``Net`` object, then into a one-character string (5 million bits of ROM);
+* ``MemoryData.Init`` converts every row of a memory through ``Layout.const`` / ``Const``,
+  building a view or constant per row (the RoPE tables alone took a third of elaboration);
+* the cyclic garbage collector rescans the millions of live net objects again and again.
 
-:func:`fast_amaranth` replaces the first two, for the duration of a ``with`` block, by
-equivalents that produce the same RTLIL text (``tests/test_compile.py`` compares the patched
-and the stock output byte for byte):
+:func:`fast_amaranth` replaces these, for the duration of a ``with`` block, by equivalents that
+produce the same RTLIL text (``tests/test_compile_fast.py`` compares patched and stock output
+byte for byte, whole chips included):
 
 * the comb-cycle check first looks for a cycle in a coarse graph (one node per cell and per
-  signal, an edge wherever any bit of one feeds any bit of the other comb-wise); every bit-level
-  cycle is also a cycle there, so if the coarse graph is acyclic there is none. Only if it has a
-  cycle is Amaranth's own bit-level check run (which raises with its usual message, or passes);
-* memory initial contents are written as one binary string, row by row.
-
-``MemoryData.Init`` is left alone; blocks that own large tables build them with plain integer
-shapes instead (see :class:`hardwire.hdl.embedding.EmbeddingROM`).
+  signal, an edge wherever any bit of one feeds any bit of the other comb-wise). Every
+  bit-level cycle is also a cycle there, so an acyclic coarse graph proves there is none; only
+  if the coarse graph has a cycle is Amaranth's own bit-level check run (which raises with its
+  usual message, or passes);
+* memory initial contents are written as one binary string, row by row;
+* memory rows that are in-range ints, full lists (``ArrayLayout``) or dicts (``StructLayout``)
+  of them are packed directly; anything else goes through Amaranth's own conversion;
+* ``Netlist.resolve_value``, ``Netlist.add_value_cell``, ``ModuleEmitter.sigspec``,
+  ``Value.__new__`` and ``Net.from_cell`` are the same loops without per-net assertions and
+  property calls;
+* the cyclic garbage collector is paused (reference counting still frees everything).
 
 Only Amaranth 0.5 is patched; with any other version :func:`fast_amaranth` does nothing.
 """
