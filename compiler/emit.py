@@ -17,8 +17,15 @@ from .plan import attention_mac_units, mac_units, plan_chip, predict_cycles
 from .quantize import quantize_model, wbits_label
 from .rtlil_fast import fast_amaranth
 
-__all__ = ["compile_model", "chip_report", "format_report", "chip_rtlil", "rtlil_to_verilog",
-           "convert_verilog", "REPORT_POSITIONS"]
+__all__ = [
+    "REPORT_POSITIONS",
+    "chip_report",
+    "chip_rtlil",
+    "compile_model",
+    "convert_verilog",
+    "format_report",
+    "rtlil_to_verilog",
+]
 
 # positions at which the report gives cycles per token (attention grows with the context)
 REPORT_POSITIONS = (0, 1, 15, 63, 127, 255, 511, 1023, 2047, 4095, 8191)

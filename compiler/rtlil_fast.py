@@ -35,7 +35,7 @@ Only Amaranth 0.5 is patched; with any other version :func:`fast_amaranth` does 
 import contextlib
 import gc
 
-__all__ = ["fast_amaranth", "coarse_comb_cycle"]
+__all__ = ["coarse_comb_cycle", "fast_amaranth"]
 
 
 def _amaranth_05():
@@ -131,11 +131,11 @@ def coarse_comb_cycle(netlist):
     # iterative three-colour depth-first search
     WHITE, GREY, BLACK = 0, 1, 2
     colour = dict.fromkeys(succ, WHITE)
-    for root in succ:
+    for root, root_succ in succ.items():
         if colour[root] != WHITE:
             continue
         colour[root] = GREY
-        stack = [(root, iter(succ[root]))]
+        stack = [(root, iter(root_succ))]
         while stack:
             node, it = stack[-1]
             for nxt in it:

@@ -15,7 +15,6 @@ from amaranth.hdl._nir import CombinationalCycle
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
-
 from hardwire.compiler.chip_builder import build_chip, chip_name
 from hardwire.compiler.emit import _ports, chip_rtlil, convert_verilog, rtlil_to_verilog
 from hardwire.compiler.loaders.random import random_model
