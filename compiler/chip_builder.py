@@ -66,11 +66,13 @@ class LoraSpec:
         return s
 
 
-def chip_name(qm):
+def chip_name(qm, *, lora=None):
     """Verilog-safe top-level name: model name, weight widths and datapath digest, e.g.
-    ``stories260K_w8_96f813fb``."""
+    ``stories260K_w8_96f813fb``; with a :class:`LoraSpec`, ``..._lora_wq_wv_r8``."""
     label = wbits_label(qm.wbits).replace("/", "_")
     name = f"{qm.name}_w{label}_{qm.digest()[:8]}"
+    if lora is not None:
+        name += f"_lora_{'_'.join(lora.targets)}_r{lora.r_max}"
     name = re.sub(r"[^A-Za-z0-9_]", "_", name)
     return name if name[0].isalpha() else f"m_{name}"
 

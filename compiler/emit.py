@@ -63,6 +63,29 @@ def chip_report(qm, plan, *, name):
     }
 
 
+def lora_report(chip, lora):
+    """The ``lora`` section of report.json for a chip built with ``lora``: what the SRAM
+    holds and what the adapter adds to a token (from the chip's cycle formulas, which the
+    LoRA chip bench checks against RTL simulation)."""
+    from ..hdl.lora import LoraProjection
+    units = [(k, n, layer._blocks[n]) for k, layer in enumerate(chip.layers)
+             for n in layer.lora_targets]
+    by_pos = {}
+    for pos in REPORT_POSITIONS:
+        if pos < chip.seq_len:
+            on, off = chip.cycles_per_token(pos), chip.cycles_per_token(pos, lora_on=False)
+            by_pos[str(pos)] = {"lora_on": on, "lora_off": off, "added": on - off}
+    assert all(isinstance(u, LoraProjection) for _k, _n, u in units)
+    return {
+        "targets": list(lora.targets), "r_max": lora.r_max, "simd": lora.simd,
+        "image_bytes": int(chip.id_words[20]),      # ID ROM word 20: the image length
+        "sram_bits": int(sum(u.lora.sram_bits for _k, _n, u in units)),
+        "sram_bits_by_unit": {f"L{k}.{n}": int(u.lora.sram_bits) for k, n, u in units},
+        "mac_units": int(sum(u.lora.mac_units for _k, _n, u in units)),
+        "cycles_per_token": by_pos,
+    }
+
+
 def _plan_dict(plan):
     return {
         "matrices": {k: {"pe": f.pe, "simd": f.simd, "form": f.form, "steps": f.steps}
@@ -81,6 +104,11 @@ def format_report(rep):
     last = rep["cycles_per_token"][last_pos]
     worst = max(((k, v) for k, v in first["cycles"].items() if k != "total"),
                 key=lambda kv: kv[1])
+    lora = rep.get("lora")
+    extra = [] if lora is None else [
+        f"  LoRA {','.join(lora['targets'])} r_max {lora['r_max']}: {lora['sram_bits']:,} SRAM "
+        f"bits (two banks), image {lora['image_bytes']:,} bytes, +{lora['mac_units']} MAC units, "
+        f"+{lora['cycles_per_token']['0']['added']} cycles/token with the adapter on"]
     return "\n".join([
         f"{rep['name']}: {c['n_layers']} layers, dim {c['dim']}, context {c['seq_len']}, "
         f"weights {rep['wbits_label']}-bit",
@@ -91,12 +119,16 @@ def format_report(rep):
         f"{worst[0]} ({worst[1]:,})",
         f"  MAC utilization {100 * first['mac_utilization']:.1f}% (pos 0), "
         f"{100 * last['mac_utilization']:.1f}% (pos {last_pos})",
-    ])
+    ] + extra)
 
 
 def compile_model(path, out_dir, *, wbits="8", seq_len=None, fold=None, target_cycles=None,
-                  mac_budget=None, progress=None):
+                  mac_budget=None, lora=None, progress=None):
     """Compile a model file into ``out_dir/<name>.v``, ``.il`` and ``report.json``.
+
+    ``lora`` (a :class:`~.chip_builder.LoraSpec`) adds the LoRA SRAM block to each target
+    matrix; the name gets a ``_lora_<targets>_r<r_max>`` suffix and the report a ``lora``
+    section (targets, rank, image bytes, SRAM bits, cycles per token with the adapter on).
 
     The returned report also holds ``seconds`` (wall time) and ``stage_seconds`` (load,
     quantize, plan, build, rtlil, verilog); neither is written to ``report.json``.
@@ -125,8 +157,11 @@ def compile_model(path, out_dir, *, wbits="8", seq_len=None, fold=None, target_c
     lap("plan")
     say(f"quantized {model.name} ({wbits_label(qm.wbits)}-bit weights) and planned in "
         f"{time.perf_counter() - t0:.1f} s")
-    name = chip_name(qm)
-    chip = build_chip(qm, plan)
+    name = chip_name(qm, lora=lora)
+    try:
+        chip = build_chip(qm, plan, lora=lora)
+    except ValueError as e:
+        raise HardwireError(f"{path}: {e}") from None
     lap("build")
     il_text = chip_rtlil(chip, name=name)
     lap("rtlil")
@@ -135,6 +170,8 @@ def compile_model(path, out_dir, *, wbits="8", seq_len=None, fold=None, target_c
     lap("verilog")
     say(f"converted RTLIL to Verilog in {stages['verilog']:.1f} s")
     rep = chip_report(qm, plan, name=name)
+    if lora is not None:
+        rep["lora"] = lora_report(chip, lora)
 
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
