@@ -291,7 +291,8 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
     def build(f):
         _say(progress, f"elaborating the board top ({'fold ' + f if f else 'planned fold'}) "
                        "...")
-        b = _Build(qm, f, platform=platform, clock_mhz=clock_mhz, baud=baud,
+        # an Amaranth platform prepares one build only: a fresh one per candidate
+        b = _Build(qm, f, platform=type(platform)(), clock_mhz=clock_mhz, baud=baud,
                    build_dir=build_dir, dsp_budget=budget, soft_lut_budget=soft_lut_budget)
         r = b.soft_report
         tried.append({"fold": f, "dsp_estimate": b.dsps, "dsps_after_soft": r["dsps"],

@@ -186,8 +186,9 @@ def test_synth_refuses_a_chip_that_cannot_fit(tmp_path):
                                             r"even the most folded plan needs about \d+ "
                                             r".*budget 0\) leaves \d+$"):
         synth_qmodel(qm, tmp_path / "out", progress=False, soft_lut_budget=0)
-    # the same chip fits once the narrow multipliers are LUT logic
-    b, fit = fit_board(qm, build_dir=tmp_path / "fit")
+    # the same chip, most folded, fits once the narrow multipliers are LUT logic
+    b, fit = fit_board(qm, "target=1000000000", build_dir=tmp_path / "fit",
+                       soft_lut_budget=40_000)
     assert b.fits and fit["dsps"] <= 156 < fit["dsp_estimate"]
     assert fit["soft_multipliers"] > 0 and 0 < fit["soft_luts"] <= fit["soft_lut_budget"]
     assert sum(u["dsps"] for u in fit["multipliers"].values()) == fit["dsp_estimate"]
