@@ -17,8 +17,16 @@ from hardwire.compiler.loaders.random import random_model
 from hardwire.compiler.plan import plan_chip, rom_bits
 from hardwire.compiler.quantize import quantize_model
 from hardwire.fpga.flow import memory_mapping, rtlil_of, yosys_script
-from hardwire.fpga.synth import (booth_commands, check_roms, estimate_dsps, fit_board,
-                                 mul_breakdown, mul_cells, soft_multipliers, synth_qmodel)
+from hardwire.fpga.synth import (
+    booth_commands,
+    check_roms,
+    estimate_dsps,
+    fit_board,
+    mul_breakdown,
+    mul_cells,
+    soft_multipliers,
+    synth_qmodel,
+)
 from hardwire.sim.toolchain import ensure_toolchain
 
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
