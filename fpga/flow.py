@@ -224,18 +224,20 @@ LUT_MAPPERS = ("abc9", "abc")
 
 
 def yosys_script(top: str, il_name: str, *, lut_mapper: str = "abc9", extra_synth: str = "",
-                 netlist: str | None = None, memory_attrs=()) -> str:
+                 netlist: str | None = None, memory_attrs=(), pre_synth=()) -> str:
     """The Yosys script of :func:`synthesize_rtlil`: ``synth_ecp5`` run in steps.
 
     ``memory_attrs``: ``(selection, attribute, value)`` set on memories before they are
     mapped (e.g. ``("n:*weight_rom", "rom_style", "block")`` puts ROMs into block RAM however
-    small). LUT mapping: ``splitnets`` then ``abc9`` (``"abc9"``), or the classic
+    small). ``pre_synth``: Yosys commands run on the design before ``synth_ecp5`` (e.g.
+    ``booth`` on chosen multipliers, so that they become LUT logic instead of ``MULT18X18D``
+    blocks). LUT mapping: ``splitnets`` then ``abc9`` (``"abc9"``), or the classic
     ``abc -lut 4:7 -dress`` (``"abc"``).
     """
     if lut_mapper not in LUT_MAPPERS:
         raise HardwireError(f"unknown LUT mapper {lut_mapper!r}; use one of {LUT_MAPPERS}")
     synth = f"synth_ecp5 -top {top} {extra_synth}".strip()
-    lines = [f"read_rtlil {il_name}"]
+    lines = [f"read_rtlil {il_name}", *pre_synth]
     if memory_attrs:
         lines.append(f"{synth} -run begin:map_ram")
         for selection, attr, value in memory_attrs:
@@ -303,7 +305,7 @@ def synthesize_rtlil(il_path, *, out_dir, top: str, device: str = "85k",
                      out_of_context: bool | None = None, seed: int = 1,
                      timeout_s: float | None = None, lut_mapper: str = "auto",
                      ecppack_opts=(), bitstream_name: str | None = None, memory_attrs=(),
-                     nextpnr_opts=()) -> dict:
+                     nextpnr_opts=(), pre_synth=()) -> dict:
     """Synthesize, place and route ``il_path`` (RTLIL, module ``top``) for an ECP5.
 
     Arguments:
@@ -319,6 +321,7 @@ def synthesize_rtlil(il_path, *, out_dir, top: str, device: str = "85k",
         ecppack_opts: extra ``ecppack`` options (e.g. ``("--compress",)``).
         memory_attrs: Yosys attributes for memories (see :func:`yosys_script`).
         nextpnr_opts: extra ``nextpnr-ecp5`` options.
+        pre_synth: Yosys commands run before ``synth_ecp5`` (see :func:`yosys_script`).
         bitstream_name: file name of the bitstream (default ``<top>.bit``).
 
     Returns a dict with ``utilization`` (``LUT4``, ``TRELLIS_COMB``, ``TRELLIS_FF``,
@@ -353,7 +356,8 @@ def synthesize_rtlil(il_path, *, out_dir, top: str, device: str = "85k",
     mapper_note = None
     for k, mapper in enumerate(mappers):
         script.write_text(yosys_script(top, _rel(il_path, out_dir), lut_mapper=mapper,
-                                       netlist=netlist.name, memory_attrs=memory_attrs))
+                                       netlist=netlist.name, memory_attrs=memory_attrs,
+                                       pre_synth=pre_synth))
         netlist.unlink(missing_ok=True)
         try:
             times["yosys"] = _run("yosys synth_ecp5",

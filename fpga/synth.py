@@ -30,7 +30,9 @@ from hardwire.compiler.errors import HardwireError
 
 from .flow import synthesize_rtlil
 
-__all__ = ["BOARDS", "check_roms", "cycles_summary", "synth_board", "synth_qmodel"]
+__all__ = ["BOARDS", "booth_commands", "check_roms", "cycles_summary", "estimate_dsps",
+           "fit_board", "mul_breakdown", "mul_cells", "soft_multipliers", "synth_board",
+           "synth_qmodel"]
 
 #: Supported boards: name -> (amaranth-boards platform class name, nextpnr device flag).
 BOARDS = {"ulx3s-85f": ("ULX3S_85F_Platform", "85k")}
@@ -43,23 +45,28 @@ _EMBED_ROM = re.compile(r"(^|\.)embedding\.rom$")
 
 
 _CONST = re.compile(r"^(\d+)'([01xz]+)$")
+#: LUT4 per partial-product bit of a multiplier mapped to logic (Yosys ``booth``: about one
+#: adder cell per two partial-product bits plus the Booth encoders; measured on ECP5 with
+#: the stories260K chip, see BENCHMARKS.md) and of one by a constant.
+SOFT_LUT_PER_BIT, SOFT_CONST_LUT_PER_BIT = 1.0, 0.5
 
 
-def estimate_dsps(rtlil_text):
-    """MULT18X18D blocks Yosys will use for the ``$mul`` cells of an RTLIL design (without
-    running it): multipliers with the same operands in the same module are merged (as
-    Yosys' ``opt_merge`` does); each one with both operands of 2+ bits takes
-    ``ceil(a/18) * ceil(b/18)`` blocks; a multiplication by a constant power of two is a
-    shift and takes none."""
-    seen = set()
-    total = 0
-    module, cell = None, None
+def mul_cells(rtlil_text):
+    """The ``$mul`` cells of an RTLIL design, merged as Yosys' ``opt_merge`` does (same module,
+    same operands): a list of dicts with ``module``, ``cells`` (names of the merged copies),
+    ``a``, ``b`` (operand widths), ``const`` (one operand constant), ``pow2`` (a constant
+    power of two: a shift), ``dsps`` (MULT18X18D blocks if mapped to DSPs:
+    ``ceil(a/18) * ceil(b/18)``; 0 for a shift or a 1-bit operand) and ``luts`` (estimated
+    LUT4 if mapped to logic instead)."""
+    groups = {}
+    module, cell, cname = None, None, None
     for line in rtlil_text.splitlines():
         s = line.strip()
         if s.startswith("module "):
             module = s.split()[1]
         elif s.startswith("cell "):
             cell = {} if s.startswith("cell $mul ") else None
+            cname = s.split()[2] if cell is not None else None
         elif cell is not None:
             if s.startswith("parameter "):
                 _, name, value = s.split(maxsplit=2)
@@ -68,18 +75,66 @@ def estimate_dsps(rtlil_text):
                 _, port, sig = s.split(maxsplit=2)
                 cell[port] = sig
             elif s == "end":
-                key = (module, tuple(sorted(cell.items())))
-                a, b = int(cell.get("\\A_WIDTH", 0)), int(cell.get("\\B_WIDTH", 0))
-                consts = [_CONST.match(cell.get(p, "")) for p in ("\\A", "\\B")]
-                pow2 = any(c and set(c.group(2)) <= {"0", "1"} and c.group(2).count("1") <= 1
-                           for c in consts)
                 cell.pop("\\Y", None)
                 key = (module, tuple(sorted(cell.items())))
-                if key not in seen and not pow2 and min(a, b) >= 2:
-                    total += math.ceil(a / 18) * math.ceil(b / 18)
-                seen.add(key)
+                if key in groups:
+                    groups[key]["cells"].append(cname)
+                else:
+                    a, b = int(cell.get("\\A_WIDTH", 0)), int(cell.get("\\B_WIDTH", 0))
+                    consts = [_CONST.match(cell.get(p, "")) for p in ("\\A", "\\B")]
+                    pow2 = any(c and set(c.group(2)) <= {"0", "1"} and c.group(2).count("1") <= 1
+                               for c in consts)
+                    const = any(consts)
+                    dsps = 0 if pow2 or min(a, b) < 2 else math.ceil(a / 18) * math.ceil(b / 18)
+                    per_bit = SOFT_CONST_LUT_PER_BIT if const else SOFT_LUT_PER_BIT
+                    groups[key] = {"module": module.removeprefix("\\"), "cells": [cname],
+                                   "a": a, "b": b, "const": const, "pow2": pow2, "dsps": dsps,
+                                   "luts": 0 if pow2 else math.ceil(a * b * per_bit)}
                 cell = None
-    return total
+    return list(groups.values())
+
+
+def estimate_dsps(rtlil_text):
+    """MULT18X18D blocks Yosys will use for the ``$mul`` cells of an RTLIL design (without
+    running it): multipliers with the same operands in the same module are merged (as
+    Yosys' ``opt_merge`` does); each one with both operands of 2+ bits takes
+    ``ceil(a/18) * ceil(b/18)`` blocks; a multiplication by a constant power of two is a
+    shift and takes none."""
+    return sum(m["dsps"] for m in mul_cells(rtlil_text))
+
+
+def soft_multipliers(muls, dsp_budget):
+    """Which multipliers to map to LUT logic (Yosys ``booth``) so that the rest fit
+    ``dsp_budget`` MULT18X18D blocks.
+
+    Multiplications by a constant always go to logic (a few adders each); then, while the
+    DSP count is over the budget, the multipliers with the fewest estimated LUT4 per block
+    saved (the narrowest first: int8 products, then RoPE, softmax and norm products). The
+    order is deterministic (ties by module and cell name). Returns ``(soft, report)``:
+    ``soft`` the chosen entries of :func:`mul_cells`, ``report`` a dict with ``dsps`` (left
+    on DSP blocks), ``soft_multipliers``, ``soft_luts`` (estimate) and ``fits``."""
+    soft = [m for m in muls if m["const"] and m["dsps"]]
+    rest = sorted((m for m in muls if m["dsps"] and not m["const"]),
+                  key=lambda m: (m["luts"] / m["dsps"], m["module"], m["cells"][0]))
+    dsps = sum(m["dsps"] for m in rest)
+    for m in rest:
+        if dsps <= dsp_budget:
+            break
+        soft.append(m)
+        dsps -= m["dsps"]
+    return soft, {"dsps": dsps, "dsp_budget": dsp_budget, "soft_multipliers": len(soft),
+                  "soft_luts": sum(m["luts"] for m in soft), "fits": dsps <= dsp_budget}
+
+
+def booth_commands(soft, per_line=16):
+    """Yosys commands mapping the ``soft`` multipliers (:func:`soft_multipliers`) to LUT
+    logic: ``proc`` (``booth`` skips modules with processes), then ``booth`` on the cells
+    named ``module/cell``."""
+    names = sorted(f"{m['module']}/{c}" for m in soft for c in m["cells"])
+    if not names:
+        return []
+    return ["proc"] + [f"booth {' '.join(names[i:i + per_line])}"
+                       for i in range(0, len(names), per_line)]
 
 
 def _say(progress, msg):
@@ -95,6 +150,21 @@ def cycles_summary(chip, n_tokens=256):
     return {"tokens": n, "mean": sum(cyc) / n, "min": min(cyc), "max": max(cyc),
             "source": "LlamaChip.cycles_per_token(pos) formula, checked cycle-exactly "
                       "against RTL simulation by tests/test_chip.py"}
+
+
+#: Positions of the tokens/s-by-position table of synth.json.
+REPORT_POSITIONS = (0, 63, 127, 255, 511)
+
+
+def cycles_by_unit(chip, pos):
+    """``chip.cycle_breakdown(pos)`` summed over layers: ``{"embed": ..., "attn_norm": ...,
+    "qkv": ..., "attention": ..., ..., "classifier": ..., "argmax": ..., "total": ...}``."""
+    out = {}
+    for key, cyc in chip.cycle_breakdown(pos).items():
+        unit = key.split(".", 1)[1] if re.match(r"^L\d+\.", key) else key
+        out[unit] = out.get(unit, 0) + cyc
+    out["total"] = sum(out.values())
+    return out
 
 
 def check_roms(memories, *, expected_roms, rom_bits, dp16kd_used):
@@ -141,10 +211,17 @@ def _sync_fmax(fmax, clock_names=("sync", "clk")):
 MOST_FOLDED = "target=1000000000"
 
 
-class _Build:
-    """One elaborated candidate: the board design, its top, RTLIL, LPF, DSP estimate."""
+#: Default cap on the estimated LUT4 of multipliers mapped to logic (about a third of the
+#: LFE5U-85F's 83,640: the rest is left for the datapath, ROM muxes and the host link).
+SOFT_LUT_BUDGET = 32_000
 
-    def __init__(self, qm, fold, *, platform, clock_mhz, baud, build_dir):
+
+class _Build:
+    """One elaborated candidate: the board design, its top, RTLIL, LPF, multipliers, and the
+    choice of multipliers mapped to logic under the DSP and LUT budgets."""
+
+    def __init__(self, qm, fold, *, platform, clock_mhz, baud, build_dir, dsp_budget,
+                 soft_lut_budget):
         from .design import board_design
         t0 = time.monotonic()
         self.fold = fold
@@ -154,70 +231,130 @@ class _Build:
         name = self.design.name
         plan = platform.build(self.top, name=name, build_dir=str(build_dir), do_build=False)
         self.il, self.lpf = plan.files[f"{name}.il"], plan.files[f"{name}.lpf"]
-        self.dsps = estimate_dsps(self.il)
+        self.muls = mul_cells(self.il)
+        self.dsps = sum(m["dsps"] for m in self.muls)
+        self.soft, self.soft_report = soft_multipliers(self.muls, dsp_budget)
+        self.fits = (self.soft_report["fits"] and
+                     self.soft_report["soft_luts"] <= soft_lut_budget)
         self.seconds = time.monotonic() - t0
 
 
-def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress):
+def mul_breakdown(muls, soft=()):
+    """Multipliers by unit (module path after ``chip.``, layer index folded to ``L*``):
+    ``{unit: {"multipliers": n, "dsps": blocks if all on DSPs, "soft": n mapped to logic,
+    "widths": ["AxB" ...]}}``."""
+    soft_ids = {id(m) for m in soft}
+    out = {}
+    for m in muls:
+        if not m["dsps"]:
+            continue
+        unit = re.sub(r"^.*?\.core\.(chip\.)?", "", m["module"])
+        unit = re.sub(r"layer\d+", "L*", unit)
+        u = out.setdefault(unit, {"multipliers": 0, "dsps": 0, "soft": 0, "widths": []})
+        u["multipliers"] += 1
+        u["dsps"] += m["dsps"]
+        u["soft"] += id(m) in soft_ids
+        w = f"{m['a']}x{m['b']}{'c' if m['const'] else ''}"
+        if w not in u["widths"]:
+            u["widths"].append(w)
+    return dict(sorted(out.items()))
+
+
+def fit_board(qm, fold=None, *, board="ulx3s-85f", clock_mhz=50.0, baud=115200,
+              build_dir="build/fit", progress=False, dsp_budget=None,
+              soft_lut_budget=SOFT_LUT_BUDGET):
+    """Choose and elaborate the board design of ``qm`` (see :func:`synth_qmodel`) without
+    running the tools: returns ``(build, fit report)``; raises :class:`HardwireError` if the
+    chip cannot fit."""
+    platform, device = _platform(board)
+    return _fit(qm, fold, platform=platform, device=device, clock_mhz=clock_mhz, baud=baud,
+                build_dir=Path(build_dir), progress=progress, dsp_budget=dsp_budget,
+                soft_lut_budget=soft_lut_budget)
+
+
+def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, dsp_budget=None,
+         soft_lut_budget=SOFT_LUT_BUDGET):
     """Elaborate the board for ``fold``, or (``fold=None``) choose the least folded plan
-    whose multipliers fit the device's MULT18X18D blocks. Returns ``(build, fit report)``."""
-    from hardwire.compiler.plan import attention_mac_units, mac_units, plan_chip
+    whose multipliers fit the device: on its MULT18X18D blocks (at most ``dsp_budget``,
+    default all), with the narrowest ones mapped to LUT logic (:func:`soft_multipliers`) up
+    to ``soft_lut_budget`` estimated LUT4. Returns ``(build, fit report)``."""
+    from hardwire.compiler.plan import attention_mac_units, mac_units
 
     from .flow import DEVICE_BLOCKS
     avail = DEVICE_BLOCKS[device]["MULT18X18D"]
+    budget = avail if dsp_budget is None else min(int(dsp_budget), avail)
+    if budget < 0 or soft_lut_budget < 0:
+        raise HardwireError("the DSP and soft-multiplier LUT budgets must be non-negative")
     board_name = f"{platform.device} ({avail} MULT18X18D)"
     tried = []
 
     def build(f):
         _say(progress, f"elaborating the board top ({'fold ' + f if f else 'planned fold'}) "
                        "...")
-        b = _Build(qm, f, platform=platform, clock_mhz=clock_mhz, baud=baud,
-                   build_dir=build_dir)
-        tried.append({"fold": f, "dsp_estimate": b.dsps})
-        _say(progress, f"  {b.dsps} MULT18X18D estimated ({avail} available); "
-                       f"elaborated in {b.seconds:.1f} s")
+        # an Amaranth platform prepares one build only: a fresh one per candidate
+        b = _Build(qm, f, platform=type(platform)(), clock_mhz=clock_mhz, baud=baud,
+                   build_dir=build_dir, dsp_budget=budget, soft_lut_budget=soft_lut_budget)
+        r = b.soft_report
+        tried.append({"fold": f, "dsp_estimate": b.dsps, "dsps_after_soft": r["dsps"],
+                      "soft_multipliers": r["soft_multipliers"], "soft_luts": r["soft_luts"],
+                      "fits": b.fits})
+        _say(progress, f"  {b.dsps} MULT18X18D if every multiplier were a DSP; "
+                       f"{r['soft_multipliers']} multipliers to LUT logic (~{r['soft_luts']:,}"
+                       f" LUT4) leave {r['dsps']} ({budget} budget, {avail} available): "
+                       f"{'fits' if b.fits else 'does not fit'}; elaborated in "
+                       f"{b.seconds:.1f} s")
         return b
 
     def report(b, how):
         return {"fold": b.fold, "chosen": how, "dsp_estimate": b.dsps, "dsp_available": avail,
-                "tried": tried}
+                "dsp_budget": budget, "soft_lut_budget": soft_lut_budget,
+                **{k: b.soft_report[k] for k in ("dsps", "soft_multipliers", "soft_luts")},
+                "multipliers": mul_breakdown(b.muls, b.soft), "tried": tried}
 
     if fold is not None:
         b = build(fold)
         return b, report(b, "--fold")
+    b = build(None)
+    if b.fits:
+        return b, report(b, "planner default (fits)")
     most = build(MOST_FOLDED)
-    if most.dsps > avail:
+    if not most.fits:
         pm = most.design.plan
+        r = most.soft_report
         raise HardwireError(
             f"{qm.name} does not fit the {board_name}: even the most folded "
             f"plan needs about {most.dsps} MULT18X18D (projections and classifier "
             f"{mac_units(pm)}, attention lanes {attention_mac_units(pm)}, the rest in the "
-            f"per-layer datapath: requantizers, norms, RoPE, softmax), the FPGA has {avail}")
-    pm = most.design.plan
-    other = most.dsps - mac_units(pm) - attention_mac_units(pm)
-    default = plan_chip(qm)
-    if other + mac_units(default) + attention_mac_units(default) <= avail:
-        b = build(None)
-        if b.dsps <= avail:
-            return b, report(b, "planner default (fits)")
-    budget = avail - other - attention_mac_units(pm)
+            f"per-layer datapath: requantizers, norms, RoPE, softmax), the FPGA has {avail}; "
+            f"mapping {r['soft_multipliers']} of them to LUT logic (~{r['soft_luts']:,} LUT4, "
+            f"budget {soft_lut_budget:,}) leaves {r['dsps']}")
+    # between the two: the largest projection budget that still fits
+    hi, lo = mac_units(b.design.plan), mac_units(most.design.plan)
+    best = most
     for _ in range(3):
-        if budget <= mac_units(pm):
+        mid = (hi + lo) // 2
+        if mid <= lo:
             break
         try:
-            b = build(f"macs={budget}")
+            c = build(f"macs={mid}")
         except HardwireError:
             break
-        if b.dsps <= avail:
-            return b, report(b, f"folded to fit {avail} MULT18X18D")
-        budget -= b.dsps - avail
-    return most, report(most, "most folded (fits)")
+        if c.fits:
+            best, lo = c, mid
+        else:
+            hi = mid
+    how = "most folded (fits)" if best is most else "folded to fit"
+    return best, report(best, how)
 
 
 def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, baud=115200,
                  seed=1, lut_mapper="auto", progress=True, timeout_s=None, gen_tokens=256,
-                 nextpnr_opts=(), extra=None):
-    """Synthesize the board design of a :class:`QuantizedModel` into ``out_dir``."""
+                 nextpnr_opts=(), extra=None, dsp_budget=None, soft_lut_budget=SOFT_LUT_BUDGET):
+    """Synthesize the board design of a :class:`QuantizedModel` into ``out_dir``.
+
+    The plan is ``fold`` or the least folded one that fits (:func:`fit_board`); multipliers
+    over ``dsp_budget`` MULT18X18D (default: the device's) are mapped to LUT logic with
+    Yosys ``booth`` (:func:`soft_multipliers`: constants always, then the narrowest)."""
     from hardwire.compiler.plan import rom_bits
     from hardwire.compiler.quantize import wbits_label
 
@@ -226,7 +363,8 @@ def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, b
     out.mkdir(parents=True, exist_ok=True)
     platform, device = _platform(board)
     b, fit = _fit(qm, fold, platform=platform, device=device, clock_mhz=clock_mhz, baud=baud,
-                  build_dir=out / "amaranth", progress=progress)
+                  build_dir=out / "amaranth", progress=progress, dsp_budget=dsp_budget,
+                  soft_lut_budget=soft_lut_budget)
     design, top, name = b.design, b.top, b.design.name
     il = out / f"{name}.il"
     lpf = out / f"{name}.lpf"
@@ -241,7 +379,7 @@ def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, b
                             progress=progress, seed=seed, timeout_s=timeout_s,
                             lut_mapper=lut_mapper, ecppack_opts=("--compress",),
                             bitstream_name=f"{name}.bit", memory_attrs=ROM_ATTRS,
-                            nextpnr_opts=nextpnr_opts)
+                            nextpnr_opts=nextpnr_opts, pre_synth=booth_commands(b.soft))
 
     bits = rom_bits(qm, design.plan)
     expected = sum(1 for k, v in bits.items() if k != "total" and v > 0)
@@ -272,6 +410,12 @@ def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, b
         "cycles_per_token": cyc,
         "tokens_per_s": round(fmax * 1e6 / cyc["mean"], 1) if fmax else 0.0,
         "tokens_per_s_at_clock": round(clock * 1e6 / cyc["mean"], 1),
+        "by_position": {str(p): {"cycles": design.chip.cycles_per_token(p),
+                                 "tokens_per_s": round(fmax * 1e6 /
+                                                       design.chip.cycles_per_token(p), 1)}
+                        for p in REPORT_POSITIONS if p < design.chip.seq_len},
+        "cycles_by_unit": {str(p): cycles_by_unit(design.chip, p)
+                           for p in (0, min(255, design.chip.seq_len - 1))},
         "link_tokens_per_s": round(design.clock_hz / design.clocks_per_bit / frame_bits, 1),
         "rom_check": roms,
         "utilization": util, "memories": flow["memories"], "lut_mapper": flow["lut_mapper"],

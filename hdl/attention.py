@@ -59,8 +59,9 @@ class Attention(wiring.Component):
     ``n_heads // head_lanes`` head groups take turns. For each group the cache is swept twice,
     one row per cycle: pass 1 finds the maximum score, pass 2 recomputes the scores, looks up
     ``e_t`` (a ROM read) and accumulates ``Z`` and ``acc``. The sweeps of successive groups
-    follow back to back; each group's reciprocal and output scaling (two cycles: leading-one
-    detection and ROM read, then the products) overlap the next group's sweep. Score gaps are
+    follow back to back; each group's reciprocal and output scaling (four pipelined cycles:
+    leading-one detection and ROM read, the products, the rounding shift, the saturation)
+    overlap the next group's sweep. Score gaps are
     clamped before the ``exp_mult`` product at the first gap that reaches the last table entry
     (the index is unchanged, the multiplier operand stays narrow).
 
@@ -211,11 +212,12 @@ class Attention(wiring.Component):
     def latency(self, pos):
         """Cycles from the input transfer at ``pos`` to the first cycle ``o.valid`` is high
         (``o`` ready: the cycles to the output transfer): the input register and the cache
-        write (2), two sweeps of ``pos + 1`` rows per head group, then five registers (row
-        read, score, exp ROM read, accumulator, reciprocal ROM read) and the output."""
+        write (2), two sweeps of ``pos + 1`` rows per head group, then seven registers (row
+        read, score, exp ROM read, accumulator, reciprocal ROM read, product, rounded shift)
+        and the output."""
         if not 0 <= pos < self._n_pos:
             raise ValueError(f"pos ({pos}) must lie in [0, n_pos = {self._n_pos})")
-        return 2 * self.head_groups * (pos + 1) + 7
+        return 2 * self.head_groups * (pos + 1) + 9
 
     def initiation_interval(self, pos):
         """Cycles from the input transfer at ``pos`` to the next input transfer, with ``i``
@@ -312,9 +314,12 @@ class Attention(wiring.Component):
         dcap = min(r["gap_max"], _exp_clamp(self._exp_mult, self._exp_shift, self._exp_len))
         f_valid, f_g = Signal(), Signal(range(G))
         f1_valid, f1_g = Signal(), Signal(range(G))
+        f2_valid, f2_g = Signal(), Signal(range(G))
+        f3_valid, f3_g = Signal(), Signal(range(G))
         m.d.sync += [f_valid.eq(c["valid"] & c["second"] & c["last"]), f_g.eq(c["g"]),
-                     f1_valid.eq(f_valid), f1_g.eq(f_g)]
-        m.d.comb += done.eq(f1_valid & (f1_g == G - 1))
+                     f1_valid.eq(f_valid), f1_g.eq(f_g), f2_valid.eq(f1_valid), f2_g.eq(f1_g),
+                     f3_valid.eq(f2_valid), f3_g.eq(f2_g)]
+        m.d.comb += done.eq(f3_valid & (f3_g == G - 1))
         out = Signal(vector_layout(self._out_bits, self.dim))
         m.d.comb += self.o.payload.eq(out)
         with m.If(self.o.valid & self.o.ready):
@@ -384,19 +389,27 @@ class Attention(wiring.Component):
             f1_n = Signal.like(n, name=f"f1_n{lane}")
             m.d.sync += f1_n.eq(n)
 
-            # stage F1: out = sat(rshift_round(acc * recip, recip_frac + n - recip_bits +
-            # out_shift))
+            # stage F1: the products acc * recip (registered)
+            prod_shape = (f_acc[0] * recip_rd.data).shape()
+            f2_p = Signal(data.ArrayLayout(prod_shape, hs), name=f"f2_p{lane}")
             shift0 = self._recip_frac - rb + self._out_shift
             shift = Signal(range(shift0 + r["z"].width + 1), name=f"out_shift{lane}")
-            m.d.comb += shift.eq(shift0 + f1_n)
+            q_shape = rshift_round_var(f2_p[0], shift).shape()
+            m.d.sync += shift.eq(shift0 + f1_n)
             with m.If(f1_valid):
-                with m.Switch(f1_g):
+                m.d.sync += [f2_p[d].eq(f_acc[d] * recip_rd.data) for d in range(hs)]
+
+            # stage F2: rounding right shift by recip_frac + n - recip_bits + out_shift
+            f3_q = Signal(data.ArrayLayout(q_shape, hs), name=f"f3_q{lane}")
+            with m.If(f2_valid):
+                m.d.sync += [f3_q[d].eq(rshift_round_var(f2_p[d], shift)) for d in range(hs)]
+
+            # stage F3: saturate into the head's slot of the output
+            with m.If(f3_valid):
+                with m.Switch(f3_g):
                     for grp in range(G):
                         head = grp * H + lane
                         with m.Case(grp):
-                            m.d.sync += [
-                                out[head * hs + d].eq(saturate(
-                                    rshift_round_var(f_acc[d] * recip_rd.data, shift),
-                                    self._out_bits))
-                                for d in range(hs)]
+                            m.d.sync += [out[head * hs + d].eq(saturate(f3_q[d], self._out_bits))
+                                         for d in range(hs)]
         return m

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from amaranth.hdl import Module, Signal, signed
+from amaranth.hdl import Module, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -17,7 +17,16 @@ from hardwire.compiler.loaders.random import random_model
 from hardwire.compiler.plan import plan_chip, rom_bits
 from hardwire.compiler.quantize import quantize_model
 from hardwire.fpga.flow import memory_mapping, rtlil_of, yosys_script
-from hardwire.fpga.synth import check_roms, estimate_dsps, synth_qmodel
+from hardwire.fpga.synth import (
+    booth_commands,
+    check_roms,
+    estimate_dsps,
+    fit_board,
+    mul_breakdown,
+    mul_cells,
+    soft_multipliers,
+    synth_qmodel,
+)
 from hardwire.sim.toolchain import ensure_toolchain
 
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
@@ -74,6 +83,9 @@ def test_yosys_script_steps():
         "synth_ecp5 -top top -run map_ram:map_luts", "splitnets",
         "synth_ecp5 -top top -run map_luts:", "tee -o stat.txt stat", "write_json top.json"]
     assert "abc -lut 4:7 -dress" in yosys_script("top", "top.il", lut_mapper="abc")
+    s = yosys_script("top", "top.il", pre_synth=["proc", "booth top/$1"])
+    assert s.splitlines()[:4] == ["read_rtlil top.il", "proc", "booth top/$1",
+                                  "synth_ecp5 -top top -run begin:map_luts"]
     with pytest.raises(HardwireError, match="unknown LUT mapper"):
         yosys_script("top", "top.il", lut_mapper="abc10")
 
@@ -114,12 +126,80 @@ def test_estimate_dsps():
     assert estimate_dsps(rtlil_of(Muls(), "muls")) == 3
 
 
+def test_soft_multipliers():
+    muls = mul_cells(rtlil_of(Muls(), "muls"))
+    # a*b merged (2 copies), a*4 (a shift: no block), b[:10]*a[:5]
+    assert sorted((m["a"], m["b"], len(m["cells"]), m["dsps"], m["pow2"]) for m in muls) == [
+        (8, 4, 1, 0, True), (8, 30, 2, 2, False), (10, 5, 1, 1, False)]
+    soft, rep = soft_multipliers(muls, 3)
+    assert soft == [] and rep["dsps"] == 3 and rep["fits"]
+    # over budget: the narrow 10x5 goes to logic first (fewest LUT4 per block saved)
+    soft, rep = soft_multipliers(muls, 2)
+    assert [(m["a"], m["b"]) for m in soft] == [(10, 5)] and rep["dsps"] == 2
+    assert rep["soft_luts"] == 50
+    soft, rep = soft_multipliers(muls, 0)
+    assert len(soft) == 2 and rep["dsps"] == 0 and rep["fits"]
+    cmds = booth_commands(soft)
+    assert cmds[0] == "proc" and cmds[1].startswith("booth ") and cmds[1].count("muls/$") == 3
+    assert mul_breakdown(muls, soft)["muls"] == {"multipliers": 2, "dsps": 3, "soft": 2,
+                                                 "widths": ["8x30", "10x5"]}
+
+
+class Prod(wiring.Component):
+    """Products of mixed signedness and widths, and by constants (combinational; narrow, so
+    that the SAT proof is quick)."""
+    a: In(signed(4))
+    b: In(signed(5))
+    c: In(unsigned(4))
+    y: Out(signed(24))
+
+    def __init__(self, wrong=False):
+        self._wrong = wrong
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.y.eq(self.a * self.b + (self.b * self.c) * 3 + self.c * 77 +
+                              (1 if self._wrong else 0) * self.a[0])
+        return m
+
+
+def test_booth_mapping_is_equivalent(tmp_path):
+    """The multipliers mapped to logic compute the same products: a SAT proof that the Yosys
+    ``booth`` version equals the original, and a negative control (a design that differs in
+    one input case) that the proof rejects."""
+    for wrong in (False, True):
+        (tmp_path / "gold.il").write_text(rtlil_of(Prod(), "gold"))
+        (tmp_path / "gate.il").write_text(rtlil_of(Prod(wrong), "gate"))
+        soft, rep = soft_multipliers(mul_cells((tmp_path / "gate.il").read_text()), 0)
+        assert rep["soft_multipliers"] == 4
+        cmds = booth_commands(soft)
+        script = "\n".join(["read_rtlil gold.il", "read_rtlil gate.il", *cmds,
+                            "proc",
+                            "miter -equiv -flatten -make_assert gold gate miter",
+                            "sat -verify -prove-asserts -show-inputs miter"]) + "\n"
+        rc, log = _yosys(tmp_path, script)
+        if wrong:
+            assert rc != 0 and "SAT proof finished - model found: FAIL!" in log
+        else:
+            assert rc == 0 and "SAT proof finished - no model found: SUCCESS!" in log, \
+                log[-3000:]
+            assert log.count("Booth multiplier") >= 3
+
+
 def test_synth_refuses_a_chip_that_cannot_fit(tmp_path):
     cfg = dict(MINI, n_layers=6)
     qm = quantize_model(random_model(seed=1, **cfg), wbits=8, calib_tokens=[1, 2, 3])
     with pytest.raises(HardwireError, match=r"does not fit the LFE5U-85F \(156 MULT18X18D\): "
-                                            r"even the most folded plan needs about \d+"):
-        synth_qmodel(qm, tmp_path / "out", progress=False)
+                                            r"even the most folded plan needs about \d+ "
+                                            r".*budget 0\) leaves \d+$"):
+        synth_qmodel(qm, tmp_path / "out", progress=False, soft_lut_budget=0)
+    # the same chip, most folded, fits once the narrow multipliers are LUT logic
+    b, fit = fit_board(qm, "target=1000000000", build_dir=tmp_path / "fit",
+                       soft_lut_budget=40_000)
+    assert b.fits and fit["dsps"] <= 156 < fit["dsp_estimate"]
+    assert fit["soft_multipliers"] > 0 and 0 < fit["soft_luts"] <= fit["soft_lut_budget"]
+    assert sum(u["dsps"] for u in fit["multipliers"].values()) == fit["dsp_estimate"]
 
 
 def test_synth_cli_errors():
