@@ -23,7 +23,7 @@ from amaranth.lib import io, wiring
 from amaranth.lib.cdc import ResetSynchronizer
 from amaranth.lib.wiring import In, Out
 
-from .hostlink import HostLinkEngine
+from .hostlink import HostLinkEngine, connect_chip
 from .uart import UARTRx, UARTTx
 
 __all__ = [
@@ -142,7 +142,7 @@ class BoardCore(wiring.Component):
             clock_hz=self._clock_hz, clocks_per_bit=self._cpb, build_id=build_id,
             max_payload=max_payload, timeout_cycles=timeout_cycles,
             token_timeout_cycles=(1 << 28) if token_timeout_cycles is None
-            else token_timeout_cycles)
+            else token_timeout_cycles, lora=hasattr(chip, "lora_in"))
         self._uart_rx = UARTRx(clocks_per_bit=self._cpb)
         self._uart_tx = UARTTx(clocks_per_bit=self._cpb)
         super().__init__({"uart_rx": In(1, init=1), "uart_tx": Out(1, init=1),
@@ -163,14 +163,7 @@ class BoardCore(wiring.Component):
         m.d.comb += [urx.rx.eq(self.uart_rx), self.uart_tx.eq(utx.tx)]
         wiring.connect(m, urx.o, link.rx)
         wiring.connect(m, link.tx, utx.i)
-        wiring.connect(m, link.chip_in, chip.token_in)
-        wiring.connect(m, chip.token_out, link.chip_out)
-        m.d.comb += [
-            chip.reset_ctx.eq(link.reset_ctx),
-            link.pos.eq(chip.pos), link.busy.eq(chip.busy),
-            link.err_token.eq(chip.err_token), link.err_context.eq(chip.err_context),
-            chip.id_addr.eq(link.id_addr), link.id_data.eq(chip.id_data),
-        ]
+        connect_chip(m, link, chip)
 
         stretch = Signal(range(max(2, self._clock_hz // 4 + 1)))
         with m.If(link.error):
