@@ -8,8 +8,9 @@
 //   P          answers "P <pos> <busy> <err_token> <err_context> <total cycles>"
 //   Q          quit
 // (Verilator spells Amaranth's "token_in__valid" as "token_in___05Fvalid".)
-// <cycles> counts clock edges from the first cycle the token is offered to the edge where
-// the next token is taken (the chip's cycles_per_token).
+// <cycles> of a token: from the cycle whose rising edge transfers it into the chip to the
+// first cycle token_out.valid is high (the chip's cycles_per_token, measured the way the cocotb
+// chip bench does); for an error, from the first cycle the token is offered.
 //
 // Speed: the model is evaluated twice per clock (falling and rising edge) and once more only
 // after the driver changes an input; everything else is C++ with no VPI, and a whole token
@@ -77,17 +78,18 @@ static void feed(uint32_t tok, uint32_t* out, int* kind, uint64_t* cycles) {
         if (fire) break;
         if (total_cycles - start > TIMEOUT) { *kind = 3; *cycles = total_cycles - start; return; }
     }
+    uint64_t t_in = total_cycles - 1;   // the transfer cycle
     top->token_in___05Fvalid = 0;
     top->token_out___05Fready = 1;
     settle();
     for (;;) {
         if (top->token_out___05Fvalid) {
             *out = top->token_out___05Fpayload;
+            *kind = 0;
+            *cycles = total_cycles - t_in;
             cycle();
             top->token_out___05Fready = 0;
             settle();
-            *kind = 0;
-            *cycles = total_cycles - start;
             return;
         }
         if (top->err_token && !et0) { *kind = 1; *cycles = total_cycles - start; return; }

@@ -12,7 +12,13 @@ import time
 from pathlib import Path
 
 from hardwire.compiler.errors import HardwireError
-from hardwire.sim.verilated import build_executable, cached_export, sources_digest, trace_format
+from hardwire.sim.verilated import (
+    build_executable,
+    cached_export,
+    fst_available,
+    sources_digest,
+    trace_format,
+)
 
 __all__ = ["ChipSim", "ChipError", "chip_sim_executable", "generate_rtl"]
 
@@ -152,6 +158,9 @@ def generate_rtl(qm, prompt_tokens, n, *, fold=None, build_dir="build", trace=No
     """
     from hardwire.compiler.plan import plan_chip
     fmt = trace_format(trace) if trace else None
+    if fmt == "fst" and not fst_available():
+        raise HardwireError("FST waveforms need the liblz4 development headers (lz4.h), not "
+                            "found by the C++ compiler; install them or trace to a .vcd file")
     if trace:
         parent = Path(trace).absolute().parent
         if not parent.is_dir():

