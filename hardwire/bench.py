@@ -17,6 +17,7 @@ status 1 if the RTL tokens differ from the golden model or a cycle count from th
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -86,10 +87,16 @@ def run_bench(model_path, *, n=256, wbits="8", out="build/bench", build_dir="bui
 
     n = min(n, qm.config.seq_len)
     say(f"simulating {n} tokens from BOS ...")
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with ChipSim(exe) as sim:
         tokens, cycles = sim.generate([1], n, stop_on_bos=False)
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # the simulator's own CPU time: tokens/s on an unloaded core, whatever else is running
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    res["sim_cpu_seconds"] = round(cpu, 2)
+    res["sim_tokens_per_cpu_s"] = round(len(cycles) / cpu, 1) if cpu else None
     res["sim_tokens"] = len(cycles)
     res["sim_seconds"] = round(wall, 2)
     res["sim_tokens_per_s"] = round(len(cycles) / wall, 1)
@@ -116,7 +123,9 @@ def summary(res):
         f"{res['sim_export_seconds']} s + Verilator {res['verilator_build_seconds_cold']} s; "
         f"cached {res['sim_build_seconds_cached']} s",
         f"simulation: {res['sim_tokens']} tokens in {res['sim_seconds']} s = "
-        f"{res['sim_tokens_per_s']} tokens/s ({res['sim_cycles_per_s']:,} cycles/s)",
+        f"{res['sim_tokens_per_s']} tokens/s ({res['sim_cycles_per_s']:,} cycles/s); "
+        f"simulator CPU time {res['sim_cpu_seconds']} s = {res['sim_tokens_per_cpu_s']} "
+        f"tokens per CPU second",
         "cycles/token measured (formula): " + ", ".join(
             f"pos {p}: {v['cycles_measured']} ({v['cycles_formula']})" for p, v in pos.items()),
         f"MAC units {res['mac_units']['total']}; utilization " + ", ".join(
