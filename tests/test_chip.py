@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from amaranth.hdl import (
-    unsigned,
-)
+from amaranth.hdl import unsigned
 from amaranth.lib import data
 from amaranth.sim import Simulator
 
@@ -44,7 +42,6 @@ PERIOD_NS = 10
 FEED, FEED_OWN, DROP, RESET_CTX = 0, 1, 2, 3
 PROMPTS = ("Once upon a time", "Tom and his dog")
 GENERATED = 64
-
 
 
 # ---------------------------------------------------------------------------------- helpers
