@@ -1,9 +1,10 @@
 """Verilator simulation of the whole board, its UART bridged to a pseudo-terminal.
 
-:func:`build_board_sim` exports a :class:`~.board.BoardCore` (UART + host link + chip) to
-Verilog and compiles it with the driver ``sim/board_main.cpp`` into one executable, cached
-under ``<build_dir>/board/<name>-<hash12>/`` by the hash of the Verilog and the build
-options (like :mod:`hardwire.sim.chip_sim`). :class:`BoardSim` runs it: the driver opens a
+:func:`board_sim_verilog` exports a :class:`~.board.BoardCore` (UART + host link + chip,
+wrapped in :class:`~hardwire.sim.verilated.SimTop`) and :func:`build_board_sim` compiles it
+with the driver ``sim/board_main.cpp`` into one executable; both are cached under
+``<build_dir>/board/`` by :mod:`hardwire.sim.verilated`, the same fast build the ``rtl``
+engine uses. :class:`BoardSim` runs it: the driver opens a
 pty (``posix_openpt``) and prints its path; a host program opens that path as a serial port
 (:class:`~.host.HostLink`, ``hardwire chat --port``) exactly as it would open a real board's
 ``/dev/ttyUSB0``.
@@ -13,17 +14,14 @@ uses a small UART bit period (``--baud-divisor``, default 8 clocks per bit) for 
 baud rate set on the pty does not matter.
 """
 
-import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from hardwire.compiler.errors import HardwireError
-from hardwire.sim.toolchain import ensure_toolchain
+from hardwire.sim.verilated import build_executable, cached_export, sources_digest
 
 __all__ = [
     "SIM_CLOCKS_PER_BIT",
@@ -33,7 +31,6 @@ __all__ = [
     "run_board_sim",
 ]
 
-_FORMAT = 1
 #: Default UART bit period of the simulation (clocks per bit).
 SIM_CLOCKS_PER_BIT = 8
 #: Nominal clock reported by INFO in simulation.
@@ -55,44 +52,12 @@ def sim_timeout_cycles(cpb):
     return 64 * 10 * cpb
 
 
-def build_board_sim(verilog, *, name, build_dir="build", progress=None):
-    """Compile a board's Verilog (top module ``top``) with the pty driver; return the
-    executable's path (cached by content hash)."""
-    env = ensure_toolchain()
-    driver = _driver_path().read_text()
-    opts = {"format": _FORMAT, "cflags": "-O1"}
-    h = hashlib.sha256()
-    for part in (verilog, driver, json.dumps(opts, sort_keys=True)):
-        h.update(part.encode())
-    out = Path(build_dir) / "board" / f"{name}-{h.hexdigest()[:12]}"
-    exe = out / "obj" / "boardsim"
-    if exe.is_file():
-        _say(progress, f"board simulation cached: {out}")
-        return exe
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "board.v").write_text(verilog)
-    (tmp / "board_main.cpp").write_text(driver)
-    jobs = str(min(2, os.cpu_count() or 1))
-    cmd = ["verilator", "--cc", "--exe", "--build", "-j", jobs, "-Wno-fatal", "-Wno-lint",
-           "-Wno-style", "--x-assign", "fast", "--x-initial", "fast", "--top-module", "top",
-           "--prefix", "Vboard", "-Mdir", "obj", "-o", "boardsim", "-CFLAGS", opts["cflags"],
-           "board.v", "board_main.cpp"]
-    _say(progress, f"building the Verilator board simulation of {name} (one-time, cached) ...")
-    t0 = time.perf_counter()
-    log = tmp / "build.log"
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT,
-                           check=False)
-    if r.returncode != 0:
-        raise HardwireError(f"Verilator build failed (exit {r.returncode}); see {log}")
-    if out.exists():                     # built meanwhile by another process
-        shutil.rmtree(tmp, ignore_errors=True)
-        return exe
-    tmp.rename(out)
-    _say(progress, f"built in {time.perf_counter() - t0:.1f} s")
-    return exe
+def build_board_sim(verilog_path, *, name, build_dir="build", progress=None):
+    """Compile a board's Verilog (top module ``name``, from :func:`board_sim_verilog`) with
+    the pty driver; return the executable's path (cached by content hash)."""
+    return build_executable(verilog_path, top=name, driver=_driver_path(), prefix="Vboard",
+                            exe="boardsim", build_dir=Path(build_dir) / "board",
+                            progress=progress)
 
 
 class BoardSim:
@@ -149,45 +114,24 @@ def board_sim_design(qm, *, fold=None, cpb=SIM_CLOCKS_PER_BIT):
                         timeout_cycles=sim_timeout_cycles(cpb), target="sim")
 
 
-def _sources_digest():
-    """Hash of the Python sources a board design is generated from (for the export cache)."""
-    import amaranth
-    import hardwire.compiler
-    import hardwire.fpga
-    import hardwire.hdl
-    h = hashlib.sha256(amaranth.__version__.encode())
-    for pkg in (hardwire.hdl, hardwire.fpga):
-        for src in sorted(Path(pkg.__file__).parent.glob("*.py")):
-            h.update(src.name.encode() + src.read_bytes())
-    comp = Path(hardwire.compiler.__file__).parent
-    for name in ("chip_builder.py", "plan.py"):
-        if (comp / name).is_file():
-            h.update(name.encode() + (comp / name).read_bytes())
-    return h.hexdigest()
-
-
 def board_sim_verilog(qm, *, fold=None, cpb=SIM_CLOCKS_PER_BIT, build_dir="build",
                       progress=None):
-    """``(name, verilog)`` of the simulated board for ``qm``. Elaborating a chip takes a
+    """``(name, verilog path)`` of the simulated board for ``qm``. Elaborating a chip takes a
     while, so the export is cached under ``<build_dir>/board/_verilog`` by the datapath
     digest, the options and the generating sources."""
+    import hardwire.compiler.chip_builder
+    import hardwire.compiler.plan
+    import hardwire.fpga
+    import hardwire.hdl
     from hardwire.compiler.chip_builder import chip_name
-    from hardwire.sim.cocotb_runner import export_verilog
-    key = hashlib.sha256(json.dumps({"digest": qm.digest(), "fold": fold, "cpb": cpb,
-                                     "sources": _sources_digest()}, sort_keys=True).encode())
+    key = json.dumps({"digest": qm.digest(), "fold": fold, "cpb": cpb, "sources": sources_digest(
+        hardwire.hdl, hardwire.fpga, hardwire.compiler.chip_builder, hardwire.compiler.plan)},
+        sort_keys=True)
     name = chip_name(qm)
-    path = Path(build_dir) / "board" / "_verilog" / f"{name}-{key.hexdigest()[:16]}.v"
-    if path.is_file():
-        return name, path.read_text()
-    t0 = time.perf_counter()
-    design = board_sim_design(qm, fold=fold, cpb=cpb)
-    verilog = export_verilog(design.core, "top")
-    _say(progress, f"elaborated the board around {name} in {time.perf_counter() - t0:.1f} s")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(verilog)
-    tmp.replace(path)
-    return name, verilog
+    path = cached_export(lambda: board_sim_design(qm, fold=fold, cpb=cpb).core, name=name,
+                         key=key, cache_dir=Path(build_dir) / "board" / "_verilog",
+                         progress=progress)
+    return name, path
 
 
 def start_board_sim(qm, *, fold=None, cpb=SIM_CLOCKS_PER_BIT, build_dir="build",

@@ -1,86 +1,161 @@
 """``make bench``: speed of the tool and of the chip on stories260K (figures for BENCHMARKS.md).
 
-Measures, on this machine: compile time (quantize + plan + elaborate + emit), byte-identical
-re-compilation, Verilator build time (from scratch, in a fresh folder), simulated tokens/s over
-a greedy generation from BOS, cycles per token by position (measured in RTL simulation) next to
-the planner's prediction, and agreement of the RTL tokens with the golden model. Writes
-``build/bench/bench.json`` and prints a short summary.
+Measures, on this machine, each with the wall time of the step itself:
+
+* ``hardwire compile`` (quantize + plan + elaborate + emit Verilog/RTLIL + report);
+* the ``rtl`` engine's simulation build from nothing (Amaranth export of the simulation top,
+  then Verilator + C++ with an empty runtime-object cache) and again when cached;
+* a greedy generation of ``-n`` tokens from BOS in the Verilated chip: simulated tokens/s and
+  cycles/s, the measured cycles per token at every position next to the planner's formula,
+  and the tokens next to the golden model's;
+* MAC utilization = MACs per token / (MAC units x measured cycles per token).
+
+Writes ``<out>/bench.json`` (every figure, every position) and prints a short summary. Exit
+status 1 if the RTL tokens differ from the golden model or a cycle count from the formula.
 """
 
 import argparse
-import filecmp
 import json
+import os
+import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from hardwire.compiler.errors import HardwireError
 
-def _bench(model_path, *, n, out, wbits):
-    from hardwire.compiler.chip_builder import build_chip, chip_name
+POSITIONS = (0, 1, 15, 63, 127, 191, 255)
+
+
+def _macs_per_token(qm, pos):
+    """Multiply-accumulates of one token at ``pos``: every weight once, plus attention scores
+    and weighted sums over ``pos + 1`` positions in every head of every layer."""
+    c = qm.config
+    macs = sum(int(m.q.size) for L in qm.layers
+               for m in (L.wq, L.wk, L.wv, L.wo, L.w1, L.w3, L.w2))
+    macs += int(qm.classifier.q.size)
+    return macs + 2 * c.n_layers * c.n_heads * c.head_size * (pos + 1)
+
+
+def run_bench(model_path, *, n=256, wbits="8", out="build/bench", build_dir="build",
+              progress=sys.stderr):
+    """Run every measurement; return the result dict (see the module docstring)."""
     from hardwire.compiler.emit import compile_model
     from hardwire.compiler.golden import generate_golden
     from hardwire.compiler.loaders import load_model
     from hardwire.compiler.plan import plan_chip, predict_cycles
     from hardwire.compiler.quantize import quantize_model
-    from hardwire.sim.chip_sim import ChipSim, build_chip_sim
-    from hardwire.sim.cocotb_runner import export_verilog
+    from hardwire.sim.chip_sim import ChipSim, chip_sim_executable
 
-    res = {"model": str(model_path), "wbits": wbits, "tokens": n}
+    def say(msg):
+        print(f"[bench] {msg}", file=progress, flush=True)
+
+    model_path, out = Path(model_path), Path(out)
+    if not model_path.is_file():
+        raise HardwireError(f"{model_path}: model not found (`make models` downloads it)")
+    res = {"model": str(model_path), "wbits": wbits, "cpus": os.cpu_count(),
+           "load_average_start": list(os.getloadavg())}
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+
+    say("compile (hardwire compile) ...")
     t0 = time.perf_counter()
-    rep = compile_model(model_path, out / "compile-a", wbits=wbits, progress=sys.stderr)
-    res["compile_seconds"] = round(time.perf_counter() - t0, 2)
-    compile_model(model_path, out / "compile-b", wbits=wbits)
-    a, b = out / "compile-a", out / "compile-b"
-    res["byte_identical_recompile"] = all(
-        filecmp.cmp(a / f.name, b / f.name, shallow=False) for f in a.iterdir())
-    res["mac_units"] = rep["mac_units"]["total"]
+    rep = compile_model(model_path, out / "compile", wbits=wbits, progress=progress)
+    res["compile_seconds"] = round(time.perf_counter() - t0, 1)
+    res["mac_units"] = rep["mac_units"]
 
     qm = quantize_model(load_model(model_path), wbits=wbits)
     plan = plan_chip(qm)
-    verilog = export_verilog(build_chip(qm, plan), "top")
+    say("simulation build from nothing (export + Verilator, empty runtime cache) ...")
+    old_cache = os.environ.get("HARDWIRE_CACHE_DIR")
+    os.environ["HARDWIRE_CACHE_DIR"] = str((out / "empty-cache").absolute())
+    try:
+        cold = {}
+        chip_sim_executable(qm, plan, build_dir=build_dir, rebuild=True, timings=cold,
+                            progress=progress)
+    finally:
+        if old_cache is None:
+            del os.environ["HARDWIRE_CACHE_DIR"]
+        else:
+            os.environ["HARDWIRE_CACHE_DIR"] = old_cache
+    res["sim_export_seconds"] = round(cold["export_seconds"], 1)
+    res["verilator_build_seconds_cold"] = round(cold["build_seconds"], 1)
     t0 = time.perf_counter()
-    exe = build_chip_sim(verilog, name=chip_name(qm), build_dir=out / "fresh-sim",
-                         progress=sys.stderr)
-    res["verilator_build_seconds"] = round(time.perf_counter() - t0, 1)
+    exe = chip_sim_executable(qm, plan, build_dir=build_dir, progress=progress)
+    res["sim_build_seconds_cached"] = round(time.perf_counter() - t0, 2)
 
+    n = min(n, qm.config.seq_len)
+    say(f"simulating {n} tokens from BOS ...")
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with ChipSim(exe) as sim:
         tokens, cycles = sim.generate([1], n, stop_on_bos=False)
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # the simulator's own CPU time: tokens/s on an unloaded core, whatever else is running
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    res["sim_cpu_seconds"] = round(cpu, 2)
+    res["sim_tokens_per_cpu_s"] = round(len(cycles) / cpu, 1) if cpu else None
+    res["sim_tokens"] = len(cycles)
     res["sim_seconds"] = round(wall, 2)
     res["sim_tokens_per_s"] = round(len(cycles) / wall, 1)
+    res["sim_cycles_per_s"] = round(sum(cycles) / wall)
+    predicted = [predict_cycles(qm, plan, p)["total"] for p in range(len(cycles))]
+    res["cycles_match_formula"] = cycles == predicted
+    res["rtl_equals_golden"] = tokens == generate_golden(qm, [1], n, stop_on_bos=False)
+    units = rep["mac_units"]["total"]
+    res["by_position"] = {
+        str(p): {"cycles_measured": cycles[p], "cycles_formula": predicted[p],
+                 "mac_utilization": round(_macs_per_token(qm, p) / (units * cycles[p]), 4)}
+        for p in POSITIONS if p < len(cycles)}
+    res["mean_cycles_per_token"] = round(sum(cycles) / len(cycles), 1)
     res["cycles_measured"] = cycles
-    res["cycles_predicted"] = [predict_cycles(qm, plan, p)["total"] for p in range(len(cycles))]
-    res["cycles_match_prediction"] = res["cycles_measured"] == res["cycles_predicted"]
-    golden = generate_golden(qm, [1], n, stop_on_bos=False)
-    res["rtl_equals_golden"] = tokens == golden
-    mean = sum(cycles) / len(cycles)
-    res["mean_cycles_per_token"] = round(mean, 1)
-    res["cycles_at"] = {str(p): cycles[p] for p in (0, 63, 127, 255) if p < len(cycles)}
+    res["load_average_end"] = list(os.getloadavg())
     return res
+
+
+def summary(res):
+    """A few human-readable lines."""
+    pos = res["by_position"]
+    lines = [
+        f"compile {res['compile_seconds']} s; simulation build from nothing: export "
+        f"{res['sim_export_seconds']} s + Verilator {res['verilator_build_seconds_cold']} s; "
+        f"cached {res['sim_build_seconds_cached']} s",
+        f"simulation: {res['sim_tokens']} tokens in {res['sim_seconds']} s = "
+        f"{res['sim_tokens_per_s']} tokens/s ({res['sim_cycles_per_s']:,} cycles/s); "
+        f"simulator CPU time {res['sim_cpu_seconds']} s = {res['sim_tokens_per_cpu_s']} "
+        f"tokens per CPU second",
+        "cycles/token measured (formula): " + ", ".join(
+            f"pos {p}: {v['cycles_measured']} ({v['cycles_formula']})" for p, v in pos.items()),
+        f"MAC units {res['mac_units']['total']}; utilization " + ", ".join(
+            f"pos {p}: {100 * v['mac_utilization']:.1f}%" for p, v in pos.items()),
+        f"RTL tokens == golden: {res['rtl_equals_golden']}; every cycle count == formula: "
+        f"{res['cycles_match_formula']}; load average {res['load_average_start'][0]:.1f} -> "
+        f"{res['load_average_end'][0]:.1f} on {res['cpus']} cores",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m hardwire.bench")
-    ap.add_argument("--models", default="models")
-    ap.add_argument("-n", type=int, default=256)
+    ap.add_argument("--models", default="models", help="folder with stories260K.bin")
+    ap.add_argument("-n", type=int, default=256, help="tokens to simulate (256)")
     ap.add_argument("--wbits", default="8")
-    ap.add_argument("--out", default="build/bench")
+    ap.add_argument("--out", default="build/bench", help="bench.json and the compile output")
+    ap.add_argument("--build-dir", default="build", help="simulation cache (rebuilt here)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    res = _bench(Path(args.models) / "stories260K.bin", n=args.n, out=out, wbits=args.wbits)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(res, indent=2) + "\n")
-    print(f"compile {res['compile_seconds']} s (byte-identical re-run: "
-          f"{res['byte_identical_recompile']}); Verilator build {res['verilator_build_seconds']}"
-          f" s; simulation {res['sim_tokens_per_s']} tokens/s ({res['tokens']} tokens in "
-          f"{res['sim_seconds']} s); cycles/token {res['cycles_at']} (mean "
-          f"{res['mean_cycles_per_token']}), prediction exact: {res['cycles_match_prediction']};"
-          f" RTL == golden: {res['rtl_equals_golden']}; {res['mac_units']} MAC units")
-    print(f"wrote {out / 'bench.json'}")
-    return 0 if res["rtl_equals_golden"] and res["cycles_match_prediction"] else 1
+    try:
+        res = run_bench(Path(args.models) / "stories260K.bin", n=args.n, wbits=args.wbits,
+                        out=args.out, build_dir=args.build_dir)
+    except HardwireError as e:
+        print(f"hardwire: error: {e}", file=sys.stderr)
+        return 2
+    path = Path(args.out) / "bench.json"
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(summary(res))
+    print(f"wrote {path}")
+    return 0 if res["rtl_equals_golden"] and res["cycles_match_formula"] else 1
 
 
 if __name__ == "__main__":

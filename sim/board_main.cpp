@@ -2,7 +2,8 @@
 // fpga/board.py) whose UART pins are bridged to a pseudo-terminal, so that a host program
 // (`hardwire chat --port <pty>`, fpga/host.py) talks to it exactly as to a ULX3S.
 //
-// The simulator drives the design clock directly (no PLL: the simulation-only clock path).
+// The simulator drives the design clock directly (no PLL: the simulation-only clock path);
+// the design is wrapped in SimTop (registered reset, see sim/verilated.py).
 // Bytes the host writes to the pty are serialized onto `uart_rx` (8N1, --cpb clocks per bit,
 // back to back); `uart_tx` is sampled in the middle of each bit and every byte received is
 // written to the pty.
@@ -155,6 +156,7 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 8; i++) cycle();
     top->rst = 0;
     cycle();
+    cycle();    // the design's reset is registered (SimTop): it falls one cycle later
 
     printf("PTY %s\nREADY\n", slave_name);
     fflush(stdout);

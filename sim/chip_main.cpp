@@ -8,8 +8,16 @@
 //   P          answers "P <pos> <busy> <err_token> <err_context> <total cycles>"
 //   Q          quit
 // (Verilator spells Amaranth's "token_in__valid" as "token_in___05Fvalid".)
-// <cycles> counts clock edges from the first cycle the token is offered to the edge where
-// the next token is taken (the chip's cycles_per_token).
+// <cycles> of a token: from the cycle whose rising edge transfers it into the chip to the
+// first cycle token_out.valid is high (the chip's cycles_per_token, measured the way the cocotb
+// chip bench does); for an error, from the first cycle the token is offered.
+//
+// Speed: the model is evaluated twice per clock (falling and rising edge) and once more only
+// after the driver changes an input; everything else is C++ with no VPI, and a whole token
+// runs without talking to the host. The chip is wrapped in SimTop (registered reset): it
+// leaves reset one cycle after rst falls.
+//
+// Built with --trace-fst or --trace, "--trace FILE" writes an FST or VCD waveform.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -18,14 +26,18 @@
 
 #include "Vchip.h"
 #include "verilated.h"
-#if VM_TRACE
+#if VM_TRACE_FST
 #include "verilated_fst_c.h"
+typedef VerilatedFstC Tracer;
+#elif VM_TRACE
+#include "verilated_vcd_c.h"
+typedef VerilatedVcdC Tracer;
 #endif
 
 static VerilatedContext* ctx;
 static Vchip* top;
 #if VM_TRACE
-static VerilatedFstC* tfp = nullptr;
+static Tracer* tfp = nullptr;
 #endif
 static uint64_t total_cycles = 0;
 static const uint64_t TIMEOUT = 50000000ULL;
@@ -46,7 +58,8 @@ static void cycle() {
     total_cycles++;
 }
 
-// Value of the inputs' effect before the next rising edge (combinational outputs settle).
+// Let a change of the inputs reach the outputs (combinational paths) before the next edge.
+// Not needed after cycle(): its rising-edge evaluation leaves the outputs settled.
 static void settle() {
     top->clk = 0;
     top->eval();
@@ -58,23 +71,25 @@ static void feed(uint32_t tok, uint32_t* out, int* kind, uint64_t* cycles) {
     top->token_in___05Fpayload = tok;
     top->token_in___05Fvalid = 1;
     top->token_out___05Fready = 0;
+    settle();
     for (;;) {
-        settle();
         bool fire = top->token_in___05Fready;
         cycle();
         if (fire) break;
         if (total_cycles - start > TIMEOUT) { *kind = 3; *cycles = total_cycles - start; return; }
     }
+    uint64_t t_in = total_cycles - 1;   // the transfer cycle
     top->token_in___05Fvalid = 0;
     top->token_out___05Fready = 1;
+    settle();
     for (;;) {
-        settle();
         if (top->token_out___05Fvalid) {
             *out = top->token_out___05Fpayload;
+            *kind = 0;
+            *cycles = total_cycles - t_in;
             cycle();
             top->token_out___05Fready = 0;
-            *kind = 0;
-            *cycles = total_cycles - start;
+            settle();
             return;
         }
         if (top->err_token && !et0) { *kind = 1; *cycles = total_cycles - start; return; }
@@ -101,7 +116,7 @@ int main(int argc, char** argv) {
 #if VM_TRACE
     if (trace_file) {
         ctx->traceEverOn(true);
-        tfp = new VerilatedFstC;
+        tfp = new Tracer;
         top->trace(tfp, 99);
         tfp->open(trace_file);
     }
@@ -119,6 +134,8 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 4; i++) cycle();
     top->rst = 0;
     cycle();
+    cycle();    // the registered reset falls one cycle later
+    settle();
     printf("READY\n");
     fflush(stdout);
 

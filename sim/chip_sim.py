@@ -1,26 +1,28 @@
 """Token-level Verilator simulation of a whole chip (the ``rtl`` engine).
 
-:func:`build_chip_sim` exports a ``LlamaChip`` to Verilog and compiles it, with the C++ driver
-``chip_main.cpp``, into one executable, cached under ``<build_dir>/rtl/<name>-<hash12>/`` by
-the hash of the Verilog and the build options. :class:`ChipSim` runs that executable and talks
-its line protocol (feed a token, get the next token and the cycles it took).
+:func:`chip_sim_executable` exports a ``LlamaChip`` (wrapped in
+:class:`~hardwire.sim.verilated.SimTop`, ROMs in ``$readmemh`` files) and compiles it with the
+C++ driver ``chip_main.cpp`` into one executable; both steps are cached under
+``<build_dir>/rtl/`` (:mod:`hardwire.sim.verilated`). :class:`ChipSim` runs that executable
+and talks its line protocol (feed a token, get the next token and the cycles it took).
 """
 
-import hashlib
-import json
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 from hardwire.compiler.errors import HardwireError
-from hardwire.sim.toolchain import ensure_toolchain
+from hardwire.sim.verilated import (
+    build_executable,
+    cached_export,
+    fst_available,
+    sources_digest,
+    trace_format,
+)
 
-__all__ = ["build_chip_sim", "ChipSim", "ChipError", "generate_rtl"]
+__all__ = ["ChipSim", "ChipError", "chip_sim_executable", "generate_rtl"]
 
 _DRIVER = Path(__file__).with_name("chip_main.cpp")
-_FORMAT = 1
 
 
 class ChipError(HardwireError):
@@ -37,40 +39,34 @@ def _say(progress, msg):
         print(f"[hardwire] {msg}", file=progress, flush=True)
 
 
-def build_chip_sim(verilog, *, name, build_dir="build", trace=False, progress=None):
-    """Compile the chip's Verilog with the driver; return the executable's path (cached)."""
-    env = ensure_toolchain()
-    driver = _DRIVER.read_text()
-    opts = {"format": _FORMAT, "trace": bool(trace), "cflags": "-O1"}
-    h = hashlib.sha256()
-    for part in (verilog, driver, json.dumps(opts, sort_keys=True)):
-        h.update(part.encode())
-    out = Path(build_dir) / "rtl" / f"{name}-{h.hexdigest()[:12]}"
-    exe = out / "obj" / "chipsim"
-    if exe.is_file():
-        _say(progress, f"simulation cached: {out}")
-        return exe
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "chip.v").write_text(verilog)
-    (tmp / "chip_main.cpp").write_text(driver)
-    cmd = ["verilator", "--cc", "--exe", "--build", "-j", str(os.cpu_count() or 2),
-           "-Wno-fatal", "-Wno-lint", "-Wno-style", "--x-assign", "fast", "--x-initial", "fast",
-           "--top-module", "top", "--prefix", "Vchip", "-Mdir", "obj", "-o", "chipsim",
-           "-CFLAGS", opts["cflags"], "chip.v", "chip_main.cpp"]
-    if trace:
-        cmd[1:1] = ["--trace-fst"]
-    _say(progress, f"building the Verilator simulation of {name} (one-time, cached) ...")
+def chip_key(qm, plan):
+    """Cache key of a chip's Verilog: datapath digest, plan and the generating sources."""
+    import hardwire.compiler.chip_builder
+    import hardwire.compiler.plan
+    import hardwire.hdl
+    return "\n".join((qm.digest(), repr(plan), sources_digest(
+        hardwire.hdl, hardwire.compiler.chip_builder, hardwire.compiler.plan)))
+
+
+def chip_sim_executable(qm, plan, *, build_dir="build", trace=None, progress=None,
+                        rebuild=False, timings=None):
+    """Path of the (cached) Verilator executable of ``qm``'s chip under ``plan``.
+
+    ``trace`` is ``None``, ``"fst"`` or ``"vcd"`` (a separate, tracing build); ``rebuild``
+    exports and builds even if cached; a ``timings`` dict receives ``export_seconds`` and
+    ``build_seconds``.
+    """
+    from hardwire.compiler.chip_builder import build_chip, chip_name
+    name = chip_name(qm)
+    root = Path(build_dir) / "rtl"
     t0 = time.perf_counter()
-    log = tmp / "build.log"
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        raise HardwireError(f"Verilator build failed (exit {r.returncode}); see {log}")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    _say(progress, f"built in {time.perf_counter() - t0:.1f} s")
+    verilog = cached_export(lambda: build_chip(qm, plan), name=name, key=chip_key(qm, plan),
+                            cache_dir=root / "_verilog", progress=progress, rebuild=rebuild)
+    t1 = time.perf_counter()
+    exe = build_executable(verilog, top=name, driver=_DRIVER, prefix="Vchip", exe="chipsim",
+                           build_dir=root, trace=trace, progress=progress, rebuild=rebuild)
+    if timings is not None:
+        timings.update(export_seconds=t1 - t0, build_seconds=time.perf_counter() - t1)
     return exe
 
 
@@ -155,25 +151,36 @@ class ChipSim:
 
 def generate_rtl(qm, prompt_tokens, n, *, fold=None, build_dir="build", trace=None,
                  progress=None):
-    """Build (cached) and run the chip for ``qm``; greedy-generate ``n`` tokens."""
-    from hardwire.compiler.chip_builder import build_chip, chip_name
+    """Build (cached) and run the chip for ``qm``; greedy-generate ``n`` tokens.
+
+    ``trace`` is a waveform file name ending in ``.fst`` or ``.vcd``. Returns ``tokens``,
+    ``cycles`` (one count per token fed), ``sim_seconds`` and ``sim_tokens_per_s``.
+    """
     from hardwire.compiler.plan import plan_chip
-    from hardwire.sim.cocotb_runner import export_verilog
+    fmt = trace_format(trace) if trace else None
+    if fmt == "fst" and not fst_available():
+        raise HardwireError("FST waveforms need the liblz4 development headers (lz4.h), not "
+                            "found by the C++ compiler; install them or trace to a .vcd file")
+    if trace:
+        parent = Path(trace).absolute().parent
+        if not parent.is_dir():
+            raise HardwireError(f"--trace {trace}: folder {parent} does not exist")
     c = qm.config
     if len(prompt_tokens) + n > c.seq_len + 1:
         n = c.seq_len + 1 - len(prompt_tokens)
-    plan = plan_chip(qm, fold=fold)
-    name = chip_name(qm)
+    try:
+        plan = plan_chip(qm, fold=fold)
+    except ValueError as e:
+        raise HardwireError(f"{e}") from None
+    exe = chip_sim_executable(qm, plan, build_dir=build_dir, trace=fmt, progress=progress)
     t0 = time.perf_counter()
-    chip = build_chip(qm, plan)
-    verilog = export_verilog(chip, "top")
-    _say(progress, f"elaborated {name} in {time.perf_counter() - t0:.1f} s")
-    exe = build_chip_sim(verilog, name=name, build_dir=build_dir, trace=bool(trace),
-                         progress=progress)
-    t0 = time.perf_counter()
-    with ChipSim(exe, trace=trace) as sim:
+    with ChipSim(exe, trace=Path(trace).absolute() if trace else None) as sim:
         tokens, cycles = sim.generate(prompt_tokens, n)
     wall = time.perf_counter() - t0
-    return {"tokens": tokens, "cycles": cycles, "sim_seconds": wall,
-            "sim_tokens_per_s": len(cycles) / wall if wall else 0.0}
-
+    res = {"tokens": tokens, "cycles": cycles, "sim_seconds": wall,
+           "sim_tokens_per_s": len(cycles) / wall if wall else 0.0}
+    _say(progress, f"simulated {len(cycles)} tokens ({sum(cycles):,} cycles) in {wall:.2f} s: "
+                   f"{res['sim_tokens_per_s']:.1f} tokens/s, "
+                   f"{sum(cycles) / wall if wall else 0:,.0f} cycles/s"
+                   + (f"; waveform in {trace}" if trace else ""))
+    return res

@@ -2,32 +2,21 @@
 layer output, every cycle count), tiny random configurations with error and context cases,
 negative controls, the ID ROM, and the stream adapters the chip is wired with.
 
-The Verilator model of a chip is cached by design hash (``run_cocotb``); the Verilog export of
-a chip is itself cached here by a key over the model digest, the plan and the HDL sources, so
-a re-run skips Amaranth's elaboration of the large design too.
+The Verilog is prepared by the shared fast-build helper (``hardwire.sim.verilated``: registered
+reset, ROMs in ``$readmemh`` files, only the ports public) and cached by a key over the model
+digest, the plan and the HDL sources, so a re-run skips Amaranth's elaboration of the large
+design; the Verilator model is cached by design hash (``run_cocotb``).
 """
 
 import contextlib
 import gc
-import hashlib
-import inspect
 import os
-import re
 from pathlib import Path
 
-import amaranth
 import numpy as np
 import pytest
-from amaranth.hdl import (
-    ClockDomain,
-    ClockSignal,
-    DomainRenamer,
-    Module,
-    ResetSignal,
-    Signal,
-    unsigned,
-)
-from amaranth.lib import data, wiring
+from amaranth.hdl import unsigned
+from amaranth.lib import data
 from amaranth.sim import Simulator
 
 from hardwire.compiler.chip_builder import build_chip, chip_name
@@ -39,7 +28,9 @@ from hardwire.compiler.tokenizer import load_tokenizer
 from hardwire.hdl.chip import ID_MAGIC, LlamaChip
 from hardwire.hdl.decoder import DecoderLayer
 from hardwire.hdl.stream_util import Fork, Join
-from hardwire.sim.cocotb_runner import export_verilog, run_cocotb
+from hardwire.sim.chip_sim import chip_key
+from hardwire.sim.cocotb_runner import run_cocotb
+from hardwire.sim.verilated import COCOTB_BUILD_ARGS, MAKEFLAGS, cached_export
 
 from golden_vectors import models_dir, stories_qmodel
 
@@ -52,119 +43,16 @@ FEED, FEED_OWN, DROP, RESET_CTX = 0, 1, 2, 3
 PROMPTS = ("Once upon a time", "Tom and his dog")
 GENERATED = 64
 
-# Verilator: only the top-level ports are visible to cocotb (marked in the Verilog by
-# `public_ports`); cocotb's default makes every signal public, which keeps every one of the
-# chip's many thousand wires and multiplies the C++ several times.
-BUILD_ARGS = ("--no-public-flat-rw",)
-# The per-cycle C++ is compiled at -O1 (Verilator's -Os takes four times longer on this design
-# for little simulation speed; -O0 simulates ten times slower); the run-once initialisation
-# code stays at -O0. `run_cocotb` hashes MAKEFLAGS into the build key.
-MAKEFLAGS = "OPT_FAST=-O1"
-
 
 # ---------------------------------------------------------------------------------- helpers
 
-class SimTop(wiring.Component):
-    """The chip with its reset registered, for simulation only (same ports).
-
-    Amaranth folds a synchronous reset into every register's next-state logic; with ``rst``
-    a top-level input, Verilator re-evaluates all of that logic on every input change (each
-    clock edge, each testbench write). Registering ``rst`` once makes it ordinary clocked
-    logic, evaluated once per cycle; the chip leaves reset one cycle after ``rst`` falls.
-    """
-
-    def __init__(self, chip):
-        self._chip = chip
-        super().__init__(chip.signature)
-
-    def elaborate(self, platform):
-        m = Module()
-        m.domains.chip = chip_domain = ClockDomain("chip", local=True)
-        rst = Signal(init=1, reset_less=True)
-        m.d.sync += rst.eq(ResetSignal("sync"))
-        m.d.comb += [chip_domain.clk.eq(ClockSignal("sync")), chip_domain.rst.eq(rst)]
-        m.submodules.chip = DomainRenamer("chip")(self._chip)
-        wiring.connect(m, wiring.flipped(self), self._chip)
-        return m
-
-
-def public_ports(verilog, toplevel):
-    """Mark the ports of module ``toplevel`` ``public_flat_rw`` for Verilator's VPI (and
-    nothing else: a public signal is treated as writable from outside at any time, which
-    moves all the logic behind it into Verilator's per-evaluation input region)."""
-    start = verilog.index(f"module {toplevel}(")
-    end = verilog.index("endmodule", start)
-    body = re.sub(r"^(\s*(?:input|output)\b[^;]*);", r"\1 /*verilator public_flat_rw*/;",
-                  verilog[start:end], flags=re.MULTILINE)
-    return verilog[:start] + body + verilog[end:]
-
-
-_INIT_LINE = re.compile(r"^    (\\\S+ |[A-Za-z_][\w$]*)\[(\d+)\] = \d+'([hd])([0-9a-fA-F]+);$")
-
-
-def rom_files(verilog, directory):
-    """Move memory initial values into ``$readmemh`` files in ``directory``.
-
-    The export spells every ROM word as an ``initial`` assignment, which Verilator turns into
-    as many C++ statements (about a third of the chip's C++, compiled for nothing but
-    start-up); a file read at start-up is the same contents. Files are named by their
-    contents, so the Verilog (and the build hash) depends on the ROM contents only. Returns
-    ``(verilog, {path: text})``.
-    """
-    out, files, block = [], {}, None
-    for line in verilog.splitlines(keepends=True):
-        if block is None:
-            if line == "  initial begin\n":
-                block = []
-            else:
-                out.append(line)
-            continue
-        m = _INIT_LINE.match(line.rstrip("\n"))
-        if line == "  end\n" or not m:
-            names = {b[0] for b in block}
-            if line == "  end\n" and len(names) == 1 and block:
-                text = "".join(f"@{idx:x} {int(val, 16 if base == 'h' else 10):x}\n"
-                               for _, idx, base, val, _ in block)
-                digest = hashlib.sha256(text.encode()).hexdigest()[:20]
-                path = f"{Path(directory).absolute()}/rom-{digest}.hex"
-                files[path] = text
-                out.append(f'  initial $readmemh("{path}", {names.pop()});\n')
-            else:       # not a plain memory initialisation: keep it as it was
-                out.append("  initial begin\n")
-                out.extend(b[4] for b in block)
-                out.append(line)
-            block = None
-            continue
-        block.append((m.group(1), int(m.group(2)), m.group(3), m.group(4), line))
-    return "".join(out), files
-
-
 def chip_verilog(qm, plan):
-    """``(chip, verilog_path)`` of ``SimTop(build_chip(qm, plan))`` prepared for Verilator
-    (:func:`public_ports`, :func:`rom_files`), cached by model digest, plan and sources."""
+    """``(chip, verilog_path)``: ``SimTop(build_chip(qm, plan))`` prepared for Verilator with
+    the shared fast-build helper (registered reset, ROMs in files, only the ports public),
+    cached by model digest, plan and sources."""
     chip = build_chip(qm, plan)
-    name = chip_name(qm)
-    h = hashlib.sha256()
-    for part in (qm.digest(), repr(plan), amaranth.__version__, name):
-        h.update(part.encode())
-    for src in sorted((REPO / "hdl").glob("*.py")) + [REPO / "compiler" / "chip_builder.py"]:
-        h.update(src.read_bytes())
-    for fn in (SimTop, public_ports, rom_files):
-        h.update(inspect.getsource(fn).encode())
-    path = (VERILOG_CACHE / f"{name}-{h.hexdigest()[:16]}.v").absolute()
-    index = path.with_suffix(".roms")
-    if not (path.is_file() and index.is_file() and
-            all(Path(p).is_file() for p in index.read_text().split())):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        verilog, files = rom_files(public_ports(export_verilog(SimTop(chip), name), name),
-                                   VERILOG_CACHE / "roms")
-        (VERILOG_CACHE / "roms").mkdir(exist_ok=True)
-        for p, text in files.items():
-            Path(p).write_text(text)
-        index.write_text("\n".join(files))
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(verilog)
-        tmp.rename(path)
+    path = cached_export(lambda: chip, name=chip_name(qm), key=chip_key(qm, plan),
+                         cache_dir=VERILOG_CACHE, public=True)
     return chip, path
 
 
@@ -245,12 +133,13 @@ def _makeflags(value):
 
 
 def run(chip, verilog, script, *, perturb=None, expect_failure=False, timeout_s=600):
+    # the per-cycle C++ at -O1 (sim/verilated.py); run_cocotb hashes MAKEFLAGS into its key
     with _makeflags(MAKEFLAGS):
         return run_cocotb(component_or_verilog=verilog, toplevel=chip_name(script.qm),
                           test_module="chip_bench", test_dir=TESTS / "benches",
                           build_root=BUILD_ROOT, vectors=script.vectors(perturb=perturb),
                           expect_failure=expect_failure, timeout_s=timeout_s,
-                          build_args=BUILD_ARGS)
+                          build_args=COCOTB_BUILD_ARGS)
 
 
 # ---------------------------------------------------------------------------- stories260K

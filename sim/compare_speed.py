@@ -1,0 +1,60 @@
+"""Compare the speed of chip simulation executables (``chipsim`` built by the ``rtl`` engine).
+
+    python -m hardwire.sim.compare_speed [--repeat 60] [--tokens 15] NAME=EXE ...
+
+Each executable gets the same script on stdin (``--repeat`` times: greedy ``--tokens`` tokens
+from BOS, then a context reset) and is timed by the CPU time it used (``getrusage`` of the
+child), so the figure does not depend on what else runs on the machine; wall time is printed
+too. The token and cycle lists of all executables must agree (exit status 1 otherwise, apart
+from a constant cycle offset, which is reported).
+"""
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+
+
+def measure(exe, script):
+    """``(tokens, cycles per token, total cycles, wall s, cpu s)`` of one run of ``exe``."""
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    p = subprocess.run([exe], input=script, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t0
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+    lines = [line.split() for line in p.stdout.splitlines()]
+    outs = [w for w in lines if w and w[0] == "O"]
+    total = int(next(w for w in lines if w and w[0] == "P")[5])
+    return [int(w[1]) for w in outs], [int(w[2]) for w in outs], total, wall, cpu
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m hardwire.sim.compare_speed")
+    ap.add_argument("exes", nargs="+", help="NAME=path/to/chipsim")
+    ap.add_argument("--repeat", type=int, default=60)
+    ap.add_argument("--tokens", type=int, default=15)
+    args = ap.parse_args(argv)
+    script = f"G 1 {args.tokens}\nR\n" * args.repeat + "P\nQ\n"
+    ref = None
+    ok = True
+    for spec in args.exes:
+        name, _, exe = spec.partition("=")
+        tokens, cycles, total, wall, cpu = measure(exe, script)
+        print(f"{name}: {len(tokens)} tokens, {total:,} cycles; CPU {cpu:.2f} s -> "
+              f"{len(tokens) / cpu:,.0f} tokens/s, {total / cpu:,.0f} cycles/s per CPU second "
+              f"(wall {wall:.2f} s)")
+        if ref is None:
+            ref = (tokens, cycles)
+        elif tokens != ref[0]:
+            print(f"{name}: tokens differ from the first executable's")
+            ok = False
+        elif cycles != ref[1]:
+            offsets = {a - b for a, b in zip(cycles, ref[1])}
+            print(f"{name}: cycles per token differ by {sorted(offsets)}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
