@@ -115,11 +115,14 @@ def export_verilog(component, toplevel: str) -> str:
     from amaranth.back import verilog
     from amaranth.hdl import Value
 
-    ports = None
+    from ..compiler.emit import convert_verilog
+
     signature = getattr(component, "signature", None)
-    if signature is not None:
-        ports = [Value.cast(value) for _path, _member, value in signature.flatten(component)]
-    return verilog.convert(component, name=toplevel, ports=ports, emit_src=False)
+    if signature is None:
+        return verilog.convert(component, name=toplevel, emit_src=False)
+    ports = [Value.cast(value) for _path, _member, value in signature.flatten(component)]
+    # the same text as verilog.convert, through the fast RTLIL path (compiler/rtlil_fast.py)
+    return convert_verilog(component, name=toplevel, ports=ports)
 
 
 def _verilog_text(component_or_verilog, toplevel: str) -> str:
