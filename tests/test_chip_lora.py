@@ -16,16 +16,24 @@ import numpy as np
 import pytest
 from golden_vectors import REPO, stories_model, stories_qmodel
 from hardwire.compiler.chip_builder import LoraSpec, build_chip, chip_name
-from hardwire.compiler.golden import GoldenModel, generate_golden
+from hardwire.compiler.golden import generate_golden
 from hardwire.compiler.loaders.random import random_model
-from hardwire.compiler.lora import (LoraGoldenModel, QLoraMatrix, QuantizedLora, base_digest8,
-                                    load_peft_adapter, quantize_lora)
+from hardwire.compiler.lora import (
+    LoraGoldenModel,
+    QLoraMatrix,
+    QuantizedLora,
+    base_digest8,
+    load_peft_adapter,
+    quantize_lora,
+)
 from hardwire.compiler.lora_image import image_bytes, read_image
 from hardwire.compiler.plan import plan_chip
 from hardwire.compiler.quantize import quantize_model
 from hardwire.hdl.lora_loader import LoraCmd
-from hardwire.sim.cocotb_runner import export_verilog, run_cocotb
-from test_chip import BUILD_ARGS, MAKEFLAGS, SimTop, _makeflags, public_ports, rom_files
+from hardwire.sim.chip_sim import chip_key
+from hardwire.sim.cocotb_runner import run_cocotb
+from hardwire.sim.verilated import COCOTB_BUILD_ARGS, MAKEFLAGS, cached_export
+from test_chip import _makeflags
 
 TESTS = Path(__file__).resolve().parent
 BUILD_ROOT = TESTS.parent / "build" / "cocotb"
@@ -38,16 +46,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable
 
 
 def chip_verilog(qm, plan, spec):
+    """``(chip, verilog_path)`` of the chip with LoRA ``spec``, prepared by the shared fast-build
+    helper (``hardwire.sim.verilated``) and cached by digest, plan, spec and sources."""
     chip = build_chip(qm, plan, lora=spec)
-    name = chip_name(qm)
-    VERILOG_CACHE.mkdir(parents=True, exist_ok=True)
-    verilog, files = rom_files(public_ports(export_verilog(SimTop(chip), name), name),
-                               VERILOG_CACHE / "roms")
-    (VERILOG_CACHE / "roms").mkdir(exist_ok=True)
-    for p, text in files.items():
-        Path(p).write_text(text)
-    path = VERILOG_CACHE / f"{name}-{spec.r_max}-{'_'.join(spec.targets)}.v"
-    path.write_text(verilog)
+    path = cached_export(lambda: chip, name=chip_name(qm), key=f"{chip_key(qm, plan)}\n{spec!r}",
+                         cache_dir=VERILOG_CACHE, public=True)
     return chip, path
 
 
@@ -202,7 +205,7 @@ def run(script, verilog, *, perturb=False, expect_failure=False, timeout_s=1800)
                           test_module="lora_chip_bench", test_dir=TESTS / "benches",
                           build_root=BUILD_ROOT, vectors=script.vectors(perturb=perturb),
                           expect_failure=expect_failure, timeout_s=timeout_s,
-                          build_args=BUILD_ARGS)
+                          build_args=COCOTB_BUILD_ARGS)
 
 
 def session(qm, chip, spec, adapter, *, n):
