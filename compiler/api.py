@@ -14,9 +14,9 @@ from .loaders import load_model
 from .quantize import parse_wbits, quantize_model, wbits_label
 from .tokenizer import BOS, Tokenizer, load_tokenizer
 
-__all__ = ["inspect_model", "format_inspect", "find_tokenizer", "run_generation", "rtl_lora_spec",
-           "quantize_summary", "format_quantize", "quality_report", "format_quality",
-           "REPORT_PROMPTS", "format_cycles"]
+__all__ = ["REPORT_PROMPTS", "find_tokenizer", "format_cycles", "format_inspect",
+           "format_quality", "format_quantize", "inspect_model", "quality_report",
+           "quantize_summary", "rtl_lora_spec", "run_generation"]
 
 # Prompts of the quality report (none of them is used for calibration).
 REPORT_PROMPTS = ("", "Tom and his dog", "The sun was", "Once upon a time, a little boy",

@@ -20,7 +20,7 @@ from hardwire.sim.verilated import (
     trace_format,
 )
 
-__all__ = ["ChipSim", "ChipError", "chip_sim_executable", "generate_rtl", "lora_status_fields"]
+__all__ = ["ChipError", "ChipSim", "chip_sim_executable", "generate_rtl", "lora_status_fields"]
 
 _DRIVER = Path(__file__).with_name("chip_main.cpp")
 

@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-from test_lora import write_peft
-
 from hardwire.compiler import api
 from hardwire.compiler.chip_builder import LoraSpec
 from hardwire.compiler.errors import HardwireError
@@ -33,6 +31,7 @@ from hardwire.compiler.lora import load_peft_adapter, quantize_lora
 from hardwire.compiler.lora_image import image_bytes
 from hardwire.compiler.quantize import quantize_model
 from hardwire.fpga.host import HostLink, LinkError
+from test_lora import write_peft
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build"
@@ -95,7 +94,7 @@ def test_rtl_spec_defaults_to_the_adapters_targets_and_next_power_of_two(tiny, t
 
 
 def test_rtl_engine_with_adapter_equals_golden_with_adapter(tiny):
-    path, ad, other = tiny
+    path, ad, _ = tiny
     res = api.run_generation(path, engine="rtl", n=N, lora=ad, build_dir=BUILD,
                              progress=sys.stderr)
     want = _golden(path, ad)
@@ -142,7 +141,7 @@ def test_run_cli_rtl_lora_and_bad_combinations(tiny):
                     "--lora-rank needs --lora-targets")
 
 
-def test_synth_cli_lora_bad_combinations_exit_2(tiny, tmp_path):
+def test_synth_and_board_sim_cli_lora_bad_combinations_exit_2(tiny, tmp_path):
     path, _, _ = tiny
     _one_line_exit2(_cli("synth", path, "-o", tmp_path / "s", "--lora-rank", "8"),
                     "--lora-rank needs --lora-targets")
@@ -150,6 +149,9 @@ def test_synth_cli_lora_bad_combinations_exit_2(tiny, tmp_path):
                          "--lora-rank", "6"), "power of two")
     _one_line_exit2(_cli("synth", path, "-o", tmp_path / "s", "--lora-targets", "q,x"),
                     "unknown projection 'x'")
+    _one_line_exit2(_cli("board-sim", path, "--lora-targets", "q,v", "--lora-rank", "3"),
+                    "power of two")
+    _one_line_exit2(_cli("board-sim", path, "--lora-rank", "8"), "--lora-rank needs")
 
 
 def test_synth_passes_lora_to_the_board_design(tiny, tmp_path):
