@@ -14,9 +14,9 @@ from .loaders import load_model
 from .quantize import parse_wbits, quantize_model, wbits_label
 from .tokenizer import BOS, Tokenizer, load_tokenizer
 
-__all__ = ["inspect_model", "format_inspect", "find_tokenizer", "run_generation",
-           "quantize_summary", "format_quantize", "quality_report", "format_quality",
-           "REPORT_PROMPTS", "format_cycles"]
+__all__ = ["REPORT_PROMPTS", "find_tokenizer", "format_cycles", "format_inspect",
+           "format_quality", "format_quantize", "inspect_model", "quality_report",
+           "quantize_summary", "rtl_lora_spec", "run_generation"]
 
 # Prompts of the quality report (none of them is used for calibration).
 REPORT_PROMPTS = ("", "Tom and his dog", "The sun was", "Once upon a time, a little boy",
@@ -96,22 +96,49 @@ def _text(tok, prompt_tokens, tokens):
     return tok.decode_all(list(prompt_tokens[1:]) + list(tokens), prev=BOS)
 
 
+def rtl_lora_spec(adapter, lora_spec=None):
+    """The rtl engine's chip LoRA build for ``adapter``: ``lora_spec`` if given (it must hold
+    the adapter: its targets and rank), else the adapter's targets with ``r_max`` the next
+    power of two at or above its rank."""
+    from .chip_builder import LoraSpec
+    where = adapter.source or None
+    if lora_spec is None:
+        r_max = 1 << max(0, int(adapter.rank) - 1).bit_length()
+        try:
+            return LoraSpec(targets=adapter.targets, r_max=r_max)
+        except ValueError as e:
+            raise HardwireError(f"{e}", path=where) from None
+    missing = [t for t in adapter.targets if t not in lora_spec.targets]
+    if missing:
+        raise HardwireError(f"the adapter adapts {', '.join(missing)}, not in --lora-targets "
+                            f"({', '.join(lora_spec.targets)})", path=where)
+    if adapter.rank > lora_spec.r_max:
+        raise HardwireError(f"the adapter's rank r={adapter.rank} is above --lora-rank "
+                            f"{lora_spec.r_max}", path=where)
+    return lora_spec
+
+
 def run_generation(path, *, tokenizer=None, prompt="", n=64, engine="float", wbits="8",
                    seq_len=None, clock_mhz=50.0, trace=None, fold=None, build_dir="build",
-                   progress=None, lora=None):
+                   progress=None, lora=None, lora_spec=None):
     """Greedy generation; returns a dict with ``prompt_tokens``, ``tokens`` and ``text``.
 
-    ``lora`` is a PEFT adapter folder: merged into the float model, or applied through the
-    integer LoRA path of the golden model.
+    ``lora`` is a PEFT adapter folder: merged into the float model, applied through the
+    integer LoRA path of the golden model, or (rtl engine) packed into an HWLA image that
+    the simulated chip's loader receives before the first token. ``lora_spec`` (a
+    :class:`~.chip_builder.LoraSpec`, rtl engine only) is the chip's LoRA build (default:
+    :func:`rtl_lora_spec`); without ``lora`` it builds the LoRA chip and leaves it off.
     """
     m = load_model(path, seq_len=seq_len)
     adapter = None
+    if lora_spec is not None and engine != "rtl":
+        raise HardwireError(f"--lora-targets/--lora-rank build the rtl engine's chip; they do "
+                            f"not apply to --engine {engine}")
     if lora is not None:
         from .lora import load_peft_adapter
         adapter = load_peft_adapter(lora, m)
         if engine == "rtl":
-            raise HardwireError("--lora with the rtl engine needs the chip's LoRA block, which "
-                                "is not built yet; use --engine float or golden")
+            lora_spec = rtl_lora_spec(adapter, lora_spec)
     tok = find_tokenizer(m, path, tokenizer)
     pt = _prompt_tokens(tok, prompt, path)
     if len(pt) > m.config.seq_len:
@@ -139,11 +166,23 @@ def run_generation(path, *, tokenizer=None, prompt="", n=64, engine="float", wbi
     elif engine == "rtl":
         from hardwire.sim.chip_sim import generate_rtl   # noqa: PLC0415 (optional layer)
         qm = quantize_model(m, wbits=wbits)
+        image = None
+        if adapter is not None:
+            from .lora import quantize_lora
+            from .lora_image import image_bytes
+            image = image_bytes(quantize_lora(adapter, m, qm, targets=lora_spec.targets,
+                                              r_max=lora_spec.r_max), m.config)
         rtl = generate_rtl(qm, pt, n, fold=fold, build_dir=build_dir, trace=trace,
-                           progress=progress)
+                           progress=progress, lora=lora_spec, lora_image=image)
         out = rtl["tokens"]
         result.update(wbits=wbits_label(qm.wbits), cycles=rtl["cycles"],
                       clock_mhz=clock_mhz)
+        if lora_spec is not None:
+            result["lora_build"] = {"targets": list(lora_spec.targets),
+                                    "r_max": lora_spec.r_max}
+        if image is not None:
+            result.update(lora_image_bytes=len(image), lora_status=rtl["lora_status"],
+                          upload_seconds=round(rtl["upload_seconds"], 3))
     else:
         raise HardwireError(f"unknown engine {engine!r}")
     result["tokens"] = [int(t) for t in out]

@@ -106,16 +106,17 @@ class BoardSim:
         self.close()
 
 
-def board_sim_design(qm, *, fold=None, cpb=SIM_CLOCKS_PER_BIT):
+def board_sim_design(qm, *, fold=None, cpb=SIM_CLOCKS_PER_BIT, lora=None):
     """The :class:`~.design.BoardDesign` simulated for ``qm``: nominal 50 MHz clock, ``cpb``
-    clocks per UART bit, a 64-byte-time inter-byte timeout."""
+    clocks per UART bit, a 64-byte-time inter-byte timeout; ``lora`` (a
+    :class:`~hardwire.compiler.chip_builder.LoraSpec`) builds the chip's LoRA datapath."""
     from .design import board_design
     return board_design(qm, fold=fold, clock_hz=SIM_CLOCK_HZ, cpb=cpb,
-                        timeout_cycles=sim_timeout_cycles(cpb), target="sim")
+                        timeout_cycles=sim_timeout_cycles(cpb), target="sim", lora=lora)
 
 
 def board_sim_verilog(qm, *, fold=None, cpb=SIM_CLOCKS_PER_BIT, build_dir="build",
-                      progress=None):
+                      progress=None, lora=None):
     """``(name, verilog path)`` of the simulated board for ``qm``. Elaborating a chip takes a
     while, so the export is cached under ``<build_dir>/board/_verilog`` by the datapath
     digest, the options and the generating sources."""
@@ -124,28 +125,36 @@ def board_sim_verilog(qm, *, fold=None, cpb=SIM_CLOCKS_PER_BIT, build_dir="build
     import hardwire.fpga
     import hardwire.hdl
     from hardwire.compiler.chip_builder import chip_name
-    key = json.dumps({"digest": qm.digest(), "fold": fold, "cpb": cpb, "sources": sources_digest(
-        hardwire.hdl, hardwire.fpga, hardwire.compiler.chip_builder, hardwire.compiler.plan)},
-        sort_keys=True)
-    name = chip_name(qm)
-    path = cached_export(lambda: board_sim_design(qm, fold=fold, cpb=cpb).core, name=name,
+    key = {"digest": qm.digest(), "fold": fold, "cpb": cpb, "sources": sources_digest(
+        hardwire.hdl, hardwire.fpga, hardwire.compiler.chip_builder, hardwire.compiler.plan)}
+    if lora is not None:                    # absent without LoRA: plain caches stay valid
+        key["lora"] = repr(lora)
+    key = json.dumps(key, sort_keys=True)
+    name = chip_name(qm, lora=lora)
+    path = cached_export(lambda: board_sim_design(qm, fold=fold, cpb=cpb, lora=lora).core,
+                         name=name,
                          key=key, cache_dir=Path(build_dir) / "board" / "_verilog",
                          progress=progress)
     return name, path
 
 
 def start_board_sim(qm, *, fold=None, cpb=SIM_CLOCKS_PER_BIT, build_dir="build",
-                    progress=None, log=None):
-    """Build (cached) and start the board simulation of ``qm``; returns a :class:`BoardSim`."""
+                    progress=None, log=None, lora=None):
+    """Build (cached) and start the board simulation of ``qm`` (with the LoRA datapath of
+    ``lora``, a ``LoraSpec``, if given); returns a :class:`BoardSim`."""
     name, verilog = board_sim_verilog(qm, fold=fold, cpb=cpb, build_dir=build_dir,
-                                      progress=progress)
+                                      progress=progress, lora=lora)
     exe = build_board_sim(verilog, name=name, build_dir=build_dir, progress=progress)
     return BoardSim(exe, cpb=cpb, log=log)
 
 
 def run_board_sim(path, *, wbits="8", seq_len=None, fold=None, cpb=SIM_CLOCKS_PER_BIT,
-                  build_dir="build", progress=sys.stderr, out=sys.stdout):
-    """``hardwire board-sim``: build, start, print the pty path, run until interrupted."""
+                  build_dir="build", progress=sys.stderr, out=sys.stdout, lora=None):
+    """``hardwire board-sim``: build, start, print the pty path, run until interrupted.
+
+    ``lora`` (a :class:`~hardwire.compiler.chip_builder.LoraSpec`, from ``--lora-targets``
+    and ``--lora-rank``) builds the chip with its LoRA datapath and loader; upload an adapter
+    with ``hardwire lora load IMAGE --port PTY``."""
     from hardwire.compiler.loaders import load_model
     from hardwire.compiler.quantize import quantize_model
     if cpb < 4:
@@ -153,7 +162,7 @@ def run_board_sim(path, *, wbits="8", seq_len=None, fold=None, cpb=SIM_CLOCKS_PE
     model = load_model(path, seq_len=seq_len)
     qm = quantize_model(model, wbits=wbits)
     with start_board_sim(qm, fold=fold, cpb=cpb, build_dir=build_dir, progress=progress,
-                         log=None) as sim:
+                         log=None, lora=lora) as sim:
         print(sim.port, file=out, flush=True)
         _say(progress, f"board simulation of {model.name} on {sim.port}: connect with "
                        f"`hardwire chat --port {sim.port}`; Ctrl-C stops it")

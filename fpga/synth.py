@@ -221,12 +221,12 @@ class _Build:
     choice of multipliers mapped to logic under the DSP and LUT budgets."""
 
     def __init__(self, qm, fold, *, platform, clock_mhz, baud, build_dir, dsp_budget,
-                 soft_lut_budget):
+                 soft_lut_budget, lora=None):
         from .design import board_design
         t0 = time.monotonic()
         self.fold = fold
         self.design = board_design(qm, fold=fold, clock_hz=clock_mhz * 1e6, baud=baud,
-                                   target="ulx3s")
+                                   target="ulx3s", lora=lora)
         self.top = self.design.ulx3s()
         name = self.design.name
         plan = platform.build(self.top, name=name, build_dir=str(build_dir), do_build=False)
@@ -262,18 +262,18 @@ def mul_breakdown(muls, soft=()):
 
 def fit_board(qm, fold=None, *, board="ulx3s-85f", clock_mhz=50.0, baud=115200,
               build_dir="build/fit", progress=False, dsp_budget=None,
-              soft_lut_budget=SOFT_LUT_BUDGET):
+              soft_lut_budget=SOFT_LUT_BUDGET, lora=None):
     """Choose and elaborate the board design of ``qm`` (see :func:`synth_qmodel`) without
     running the tools: returns ``(build, fit report)``; raises :class:`HardwireError` if the
     chip cannot fit."""
     platform, device = _platform(board)
     return _fit(qm, fold, platform=platform, device=device, clock_mhz=clock_mhz, baud=baud,
                 build_dir=Path(build_dir), progress=progress, dsp_budget=dsp_budget,
-                soft_lut_budget=soft_lut_budget)
+                soft_lut_budget=soft_lut_budget, lora=lora)
 
 
 def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, dsp_budget=None,
-         soft_lut_budget=SOFT_LUT_BUDGET):
+         soft_lut_budget=SOFT_LUT_BUDGET, lora=None):
     """Elaborate the board for ``fold``, or (``fold=None``) choose the least folded plan
     whose multipliers fit the device: on its MULT18X18D blocks (at most ``dsp_budget``,
     default all), with the narrowest ones mapped to LUT logic (:func:`soft_multipliers`) up
@@ -293,7 +293,8 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
                        "...")
         # an Amaranth platform prepares one build only: a fresh one per candidate
         b = _Build(qm, f, platform=type(platform)(), clock_mhz=clock_mhz, baud=baud,
-                   build_dir=build_dir, dsp_budget=budget, soft_lut_budget=soft_lut_budget)
+                   build_dir=build_dir, dsp_budget=budget, soft_lut_budget=soft_lut_budget,
+                   lora=lora)
         r = b.soft_report
         tried.append({"fold": f, "dsp_estimate": b.dsps, "dsps_after_soft": r["dsps"],
                       "soft_multipliers": r["soft_multipliers"], "soft_luts": r["soft_luts"],
@@ -349,7 +350,8 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
 
 def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, baud=115200,
                  seed=1, lut_mapper="auto", progress=True, timeout_s=None, gen_tokens=256,
-                 nextpnr_opts=(), extra=None, dsp_budget=None, soft_lut_budget=SOFT_LUT_BUDGET):
+                 nextpnr_opts=(), extra=None, dsp_budget=None, soft_lut_budget=SOFT_LUT_BUDGET,
+                 lora=None):
     """Synthesize the board design of a :class:`QuantizedModel` into ``out_dir``.
 
     The plan is ``fold`` or the least folded one that fits (:func:`fit_board`); multipliers
@@ -364,7 +366,7 @@ def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, b
     platform, device = _platform(board)
     b, fit = _fit(qm, fold, platform=platform, device=device, clock_mhz=clock_mhz, baud=baud,
                   build_dir=out / "amaranth", progress=progress, dsp_budget=dsp_budget,
-                  soft_lut_budget=soft_lut_budget)
+                  soft_lut_budget=soft_lut_budget, lora=lora)
     design, top, name = b.design, b.top, b.design.name
     il = out / f"{name}.il"
     lpf = out / f"{name}.lpf"
@@ -446,8 +448,11 @@ def format_summary(s):
 
 def synth_board(path, out_dir, *, board="ulx3s-85f", wbits="8", seq_len=None, fold=None,
                 clock_mhz=50.0, baud=115200, seed=1, lut_mapper="auto", progress=True,
-                timeout_s=None):
-    """``hardwire synth MODEL --board ulx3s-85f -o OUT``: returns the synth.json summary."""
+                timeout_s=None, lora=None):
+    """``hardwire synth MODEL --board ulx3s-85f -o OUT``: returns the synth.json summary.
+
+    ``lora`` (a :class:`~hardwire.compiler.chip_builder.LoraSpec`, ``--lora-targets`` and
+    ``--lora-rank``) builds the chip with its LoRA datapath and loader."""
     from hardwire.compiler.loaders import load_model
     from hardwire.compiler.quantize import quantize_model
     t0 = time.monotonic()
@@ -457,4 +462,6 @@ def synth_board(path, out_dir, *, board="ulx3s-85f", wbits="8", seq_len=None, fo
     _say(progress, f"quantized {model.name} in {time.monotonic() - t0:.1f} s")
     return synth_qmodel(qm, out_dir, board=board, fold=fold, clock_mhz=clock_mhz, baud=baud,
                         seed=seed, lut_mapper=lut_mapper, progress=progress,
-                        timeout_s=timeout_s, extra={"model_file": str(path)})
+                        timeout_s=timeout_s, lora=lora,
+                        extra={"model_file": str(path)} | ({} if lora is None else {
+                            "lora": {"targets": list(lora.targets), "r_max": lora.r_max}}))

@@ -114,7 +114,11 @@ def _build_parser():
     p.add_argument("--trace", help="rtl engine: write a waveform (.fst or .vcd)")
     p.add_argument("--fold", default=None, help="rtl engine: folding (see compile --help)")
     p.add_argument("--build-dir", default="build", help="where simulations are cached")
-    p.add_argument("--lora", default=None, help="PEFT adapter folder (float and golden engines)")
+    p.add_argument("--lora", default=None,
+                   help="PEFT adapter folder: merged (float), integer LoRA path (golden), or "
+                        "uploaded into the chip's LoRA SRAM (rtl; the chip is built with the "
+                        "adapter's targets and rank unless --lora-targets/--lora-rank say "
+                        "otherwise)")
     _add_lora_build_args(p)
 
     p = sub.add_parser("lora", help="LoRA adapters: pack a PEFT adapter into a chip image")
@@ -282,7 +286,7 @@ def _lora_build_kw(fn, args):
     if spec is None:
         return {}
     if "lora_spec" not in inspect.signature(fn).parameters:
-        raise HardwireError("run --lora-targets: not supported by this build's rtl engine yet")
+        raise HardwireError("run --lora-targets: not supported by this build's rtl engine")
     return {"lora_spec": spec}
 
 

@@ -7,6 +7,12 @@
 //   I          read the ID ROM; answers "I w0 w1 ... w63" (hex)
 //   P          answers "P <pos> <busy> <err_token> <err_context> <total cycles>"
 //   Q          quit
+// Built with -DHW_LORA (a chip with the LoRA loader ports lora_in/lora_cmd/lora_status):
+//   B <hex>    stream these image bytes on lora_in, one a cycle; answers "B <n bytes>"
+//   C <code>   send one LoraCmd (0 BEGIN, 1 COMMIT, 2 ENABLE, 3 DISABLE, 4 LOCK) on lora_cmd,
+//              then run 4 idle cycles (a pending switch happens at this boundary); answers
+//              "C <status>" with lora_status as a decimal number
+//   S          answers "S <status>"
 // (Verilator spells Amaranth's "token_in__valid" as "token_in___05Fvalid".)
 // <cycles> of a token: from the cycle whose rising edge transfers it into the chip to the
 // first cycle token_out.valid is high (the chip's cycles_per_token, measured the way the cocotb
@@ -99,6 +105,60 @@ static void feed(uint32_t tok, uint32_t* out, int* kind, uint64_t* cycles) {
     }
 }
 
+#ifdef HW_LORA
+static int hexval(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+// Stream the bytes spelled in hex by `text` on lora_in; returns the count, or -1 for bad hex
+// or a loader that is not ready within 1000 cycles.
+static long lora_bytes(const char* text) {
+    long n = 0;
+    while (*text == ' ') text++;
+    for (;;) {
+        int hi = hexval(text[0]);
+        if (hi < 0) break;
+        int lo = hexval(text[1]);
+        if (lo < 0) return -1;
+        text += 2;
+        top->lora_in___05Fpayload = (uint8_t)(hi << 4 | lo);
+        top->lora_in___05Fvalid = 1;
+        settle();
+        int waited = 0;
+        while (!top->lora_in___05Fready) {
+            cycle();
+            if (++waited > 1000) { top->lora_in___05Fvalid = 0; settle(); return -1; }
+        }
+        cycle();
+        n++;
+    }
+    top->lora_in___05Fvalid = 0;
+    settle();
+    return n;
+}
+
+// One LoraCmd on lora_cmd (held until taken), then 4 idle cycles; -1 if not taken.
+static int lora_cmd(unsigned code) {
+    top->lora_cmd___05Fpayload = code;
+    top->lora_cmd___05Fvalid = 1;
+    settle();
+    int waited = 0;
+    while (!top->lora_cmd___05Fready) {
+        cycle();
+        if (++waited > 1000) { top->lora_cmd___05Fvalid = 0; settle(); return -1; }
+    }
+    cycle();
+    top->lora_cmd___05Fvalid = 0;
+    settle();
+    for (int i = 0; i < 4; i++) cycle();
+    settle();
+    return 0;
+}
+#endif
+
 static void report(int kind, uint32_t out, uint64_t cycles) {
     static const char* names[] = {"", "token", "context", "timeout"};
     if (kind == 0)
@@ -131,6 +191,10 @@ int main(int argc, char** argv) {
     top->token_out___05Fready = 0;
     top->reset_ctx = 0;
     top->id_addr = 0;
+#ifdef HW_LORA
+    top->lora_in___05Fvalid = 0;
+    top->lora_cmd___05Fvalid = 0;
+#endif
     for (int i = 0; i < 4; i++) cycle();
     top->rst = 0;
     cycle();
@@ -139,10 +203,31 @@ int main(int argc, char** argv) {
     printf("READY\n");
     fflush(stdout);
 
-    char line[256];
+    static char line[1 << 16];
     while (fgets(line, sizeof line, stdin)) {
         char cmd = line[0];
         if (cmd == 'Q') break;
+#ifdef HW_LORA
+        if (cmd == 'B') {
+            printf("B %ld\n", lora_bytes(line + 1));
+            fflush(stdout);
+            continue;
+        }
+        if (cmd == 'C') {
+            unsigned code = 0;
+            sscanf(line + 1, "%u", &code);
+            int r = lora_cmd(code);
+            printf("C %ld\n", r < 0 ? -1L : (long)top->lora_status);
+            fflush(stdout);
+            continue;
+        }
+        if (cmd == 'S') {
+            settle();
+            printf("S %lu\n", (unsigned long)top->lora_status);
+            fflush(stdout);
+            continue;
+        }
+#endif
         if (cmd == 'T' || cmd == 'G') {
             unsigned long tok = 0, n = 1;
             if (cmd == 'T') sscanf(line + 1, "%lu", &tok);
