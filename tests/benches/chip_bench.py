@@ -21,51 +21,17 @@ import time
 
 import cocotb
 from cocotb.triggers import FallingEdge, First, ReadOnly, RisingEdge, Timer
-from cocotb.utils import get_sim_time
-from hardwire.sim.cocotb_helpers import load_vectors, reset, start_clock, unpack_signed
+from hardwire.sim.chip_bench_helpers import (
+    TapCollector,
+    check_id_rom,
+    check_token,
+    feed_token,
+    pulse_reset_ctx,
+    wait_token_out,
+)
+from hardwire.sim.cocotb_helpers import load_vectors, reset, start_clock
 
 FEED, FEED_OWN, DROP, RESET_CTX = 0, 1, 2, 3
-
-
-class _Taps:
-    """Collects ``(layer, vector)`` for every cycle ``tap_valid`` is high."""
-
-    def __init__(self, dut, bits, dim):
-        self.dut, self.bits, self.dim, self.seen = dut, bits, dim, []
-
-    async def run(self):
-        dut = self.dut
-        while True:
-            await RisingEdge(dut.tap_valid)
-            while True:
-                await ReadOnly()
-                if not int(dut.tap_valid.value):
-                    break
-                self.seen.append((int(dut.tap_layer.value),
-                                  unpack_signed(dut.tap_data.value.to_unsigned(), self.dim,
-                                                self.bits)))
-                await RisingEdge(dut.clk)
-
-    def take(self):
-        out, self.seen = self.seen, []
-        return out
-
-
-async def _feed(dut, token):
-    """Offer ``token`` until taken; return the simulation time (ns) of the transfer cycle's
-    sample point (the falling edge before the rising edge that transfers it)."""
-    await FallingEdge(dut.clk)
-    dut.token_in__payload.value = int(token)
-    dut.token_in__valid.value = 1
-    while True:
-        await ReadOnly()
-        if int(dut.token_in__ready.value):
-            break
-        await FallingEdge(dut.clk)
-    t_in = get_sim_time("ns")
-    await FallingEdge(dut.clk)
-    dut.token_in__valid.value = 0
-    return t_in
 
 
 async def _check_state(dut, k, v):
@@ -92,27 +58,19 @@ async def script(dut):
     for _ in range(2):      # the reset may be registered on its way into the chip
         await RisingEdge(dut.clk)
 
-    # ID ROM (combinational)
-    for addr, want in enumerate(v["id_words"]):
-        dut.id_addr.value = addr
-        await Timer(1, unit="ns")
-        got = int(dut.id_data.value)
-        assert got == int(want), f"ID word {addr}: {got:#010x}, expected {int(want):#010x}"
+    await check_id_rom(dut, v["id_words"])      # combinational
 
-    taps = _Taps(dut, bits, dim)
+    taps = TapCollector(dut, bits, dim)
     cocotb.start_soon(taps.run())
     feed, last, wall, cycles_total = 0, None, time.monotonic(), 0
     for k, kind in enumerate(int(x) for x in v["op_kind"]):
         if kind == RESET_CTX:
-            await FallingEdge(dut.clk)
-            dut.reset_ctx.value = 1
-            await FallingEdge(dut.clk)
-            dut.reset_ctx.value = 0
+            await pulse_reset_ctx(dut)
             await _check_state(dut, k, v)
             continue
         token = last if kind == FEED_OWN else int(v["op_token"][k])
         assert token is not None, f"op {k}: no previous output to feed back"
-        t_in = await _feed(dut, token)
+        t_in = await feed_token(dut, token)
         if kind == DROP:
             quiet = int(v["quiet"])
             fired = await First(RisingEdge(dut.token_out__valid), Timer(int(quiet * period), "ns"))
@@ -122,30 +80,12 @@ async def script(dut):
             assert not int(dut.busy.value), f"op {k}: busy after a dropped token"
             await _check_state(dut, k, v)
             continue
-        if not int(dut.token_out__valid.value):
-            limit = 4 * int(v["exp_cycles"][feed]) + 100
-            fired = await First(RisingEdge(dut.token_out__valid), Timer(int(limit * period), "ns"))
-            assert isinstance(fired, RisingEdge), f"op {k}: no output within {limit} cycles"
-        await FallingEdge(dut.clk)
-        await ReadOnly()
-        t_out = get_sim_time("ns")
-        cycles = round((t_out - t_in) / period)
-        out = int(dut.token_out__payload.value)
-        seen = taps.take()
-        pos = int(v["op_pos"][k]) - 1
-        want_tok = int(v["exp_token"][feed])
-        assert out == want_tok, f"op {k} (pos {pos}, token {token}): output {out}, " \
-                                f"golden {want_tok}"
-        assert [layer for layer, _ in seen] == list(range(n_layers)), \
-            f"op {k} (pos {pos}): taps of layers {[layer for layer, _ in seen]}"
-        for layer, got in seen:
-            want = [int(x) for x in v["exp_taps"][feed, layer]]
-            bad = [j for j in range(dim) if got[j] != want[j]]
-            assert not bad, (f"op {k} (pos {pos}): L{layer}.out[{bad[0]}] is {got[bad[0]]}, "
-                             f"golden {want[bad[0]]} ({len(bad)} mismatches)")
-        want_cycles = int(v["exp_cycles"][feed])
-        assert cycles == want_cycles, f"op {k} (pos {pos}): {cycles} cycles, formula " \
-                                      f"{want_cycles}"
+        what = f"op {k} (pos {int(v['op_pos'][k]) - 1}, token {token})"
+        out, cycles = await wait_token_out(dut, t_in, period=period, what=what,
+                                           limit=4 * int(v["exp_cycles"][feed]) + 100)
+        check_token(what, out=out, cycles=cycles, taps=taps.take(), n_layers=n_layers,
+                    exp_token=v["exp_token"][feed], exp_taps=v["exp_taps"][feed],
+                    exp_cycles=v["exp_cycles"][feed])
         cycles_total += cycles
         last, feed = out, feed + 1
         await FallingEdge(dut.clk)      # the output transfers on the edge before this

@@ -19,33 +19,18 @@ After each op, ``op_on`` is the expected ``lora_status.on`` and ``lora_status.er
 """
 
 import cocotb
-from cocotb.triggers import FallingEdge, First, ReadOnly, RisingEdge, Timer
-from cocotb.utils import get_sim_time
-from hardwire.sim.cocotb_helpers import load_vectors, reset, start_clock, unpack_signed
+from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge
+from hardwire.sim.chip_bench_helpers import (
+    TapCollector,
+    check_id_rom,
+    check_token,
+    feed_token,
+    pulse_reset_ctx,
+    wait_token_out,
+)
+from hardwire.sim.cocotb_helpers import load_vectors, reset, start_clock
 
 FEED, FEED_OWN, RESET_CTX, CMD, UPLOAD_BG, WAIT, FEED_OWN_CMD = 0, 1, 3, 4, 5, 6, 7
-
-
-class Taps:
-    def __init__(self, dut, bits, dim):
-        self.dut, self.bits, self.dim, self.seen = dut, bits, dim, []
-
-    async def run(self):
-        dut = self.dut
-        while True:
-            await RisingEdge(dut.tap_valid)
-            while True:
-                await ReadOnly()
-                if not int(dut.tap_valid.value):
-                    break
-                self.seen.append((int(dut.tap_layer.value),
-                                  unpack_signed(dut.tap_data.value.to_unsigned(), self.dim,
-                                                self.bits)))
-                await RisingEdge(dut.clk)
-
-    def take(self):
-        out, self.seen = self.seen, []
-        return out
 
 
 async def send_bytes(dut, data):
@@ -85,21 +70,6 @@ async def check_status(dut, k, on):
     assert got_on == on, f"op {k}: lora_status.on is {got_on}, expected {on} ({s:#06x})"
 
 
-async def feed(dut, token):
-    await FallingEdge(dut.clk)
-    dut.token_in__payload.value = int(token)
-    dut.token_in__valid.value = 1
-    while True:
-        await ReadOnly()
-        if int(dut.token_in__ready.value):
-            break
-        await FallingEdge(dut.clk)
-    t_in = get_sim_time("ns")
-    await FallingEdge(dut.clk)
-    dut.token_in__valid.value = 0
-    return t_in
-
-
 @cocotb.test()
 async def script(dut):
     v = load_vectors()
@@ -113,12 +83,8 @@ async def script(dut):
     await reset(dut)
     for _ in range(2):
         await RisingEdge(dut.clk)
-    for addr, want in enumerate(v["id_words"]):
-        dut.id_addr.value = addr
-        await Timer(1, unit="ns")
-        got = int(dut.id_data.value)
-        assert got == int(want), f"ID word {addr}: {got:#010x}, expected {int(want):#010x}"
-    taps = Taps(dut, bits, dim)
+    await check_id_rom(dut, v["id_words"])
+    taps = TapCollector(dut, bits, dim)
     cocotb.start_soon(taps.run())
     images = bytes(v["images"].astype("uint8"))
     upload, last, nfeed = None, None, 0
@@ -126,10 +92,7 @@ async def script(dut):
                                         (int(x) for x in v["op_arg"]))):
         on = int(v["op_on"][k])
         if kind == RESET_CTX:
-            await FallingEdge(dut.clk)
-            dut.reset_ctx.value = 1
-            await FallingEdge(dut.clk)
-            dut.reset_ctx.value = 0
+            await pulse_reset_ctx(dut)
             continue
         if kind == CMD:
             await send_cmd(dut, arg)
@@ -144,35 +107,19 @@ async def script(dut):
             upload = None
             continue
         token = arg if kind == FEED else last
-        t_in = await feed(dut, token)
+        t_in = await feed_token(dut, token)
         if kind == FEED_OWN_CMD:
             await ReadOnly()
             assert int(dut.busy.value), f"op {k}: the chip is not busy for the command"
             await send_cmd(dut, arg)
             await ReadOnly()
             assert int(dut.busy.value), f"op {k}: the command was not sent inside the token"
-        if not int(dut.token_out__valid.value):
-            limit = 4 * int(v["exp_cycles"][nfeed]) + 100
-            fired = await First(RisingEdge(dut.token_out__valid), Timer(limit * period, "ns"))
-            assert isinstance(fired, RisingEdge), f"op {k}: no output within {limit} cycles"
-        await FallingEdge(dut.clk)
-        await ReadOnly()
-        cycles = round((get_sim_time("ns") - t_in) / period)
-        out = int(dut.token_out__payload.value)
-        seen = taps.take()
-        want_tok = int(v["exp_token"][nfeed])
-        assert out == want_tok, f"op {k} (feed {nfeed}, token {token}): output {out}, " \
-                                f"golden {want_tok}"
-        assert [layer for layer, _ in seen] == list(range(n_layers)), \
-            f"op {k}: taps of layers {[layer for layer, _ in seen]}"
-        for layer, got in seen:
-            want = [int(x) for x in v["exp_taps"][nfeed, layer]]
-            bad = [j for j in range(dim) if got[j] != want[j]]
-            assert not bad, (f"op {k} (feed {nfeed}): L{layer}.out[{bad[0]}] is "
-                             f"{got[bad[0]]}, golden {want[bad[0]]} ({len(bad)} mismatches)")
-        want_cycles = int(v["exp_cycles"][nfeed])
-        assert cycles == want_cycles, f"op {k} (feed {nfeed}): {cycles} cycles, formula " \
-                                      f"{want_cycles}"
+        what = f"op {k} (feed {nfeed}, token {token})"
+        out, cycles = await wait_token_out(dut, t_in, period=period, what=what,
+                                           limit=4 * int(v["exp_cycles"][nfeed]) + 100)
+        check_token(what, out=out, cycles=cycles, taps=taps.take(), n_layers=n_layers,
+                    exp_token=v["exp_token"][nfeed], exp_taps=v["exp_taps"][nfeed],
+                    exp_cycles=v["exp_cycles"][nfeed])
         last, nfeed = out, nfeed + 1
         await FallingEdge(dut.clk)
         if upload is None:
