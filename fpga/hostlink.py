@@ -29,8 +29,7 @@ from typing import ClassVar
 from amaranth.hdl import Cat, Const, Module, Signal, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
-
-from hardwire.hdl.arith import pos_shape
+from hardwire.hdl.arith import pos_shape, xor_terms
 from hardwire.hdl.lora_loader import STATUS_LAYOUT
 
 from . import protocol as P
@@ -79,14 +78,7 @@ def crc16_next(crc, byte):
         reg = [frozenset()] + reg[:15]
         for k in (0, 5, 12):                # 0x1021
             reg[k] = reg[k] ^ top
-    inputs = Cat(crc, byte)
-    out = []
-    for terms in reg:
-        v = Const(0, 1)
-        for t in sorted(terms):
-            v = v ^ inputs[t]
-        out.append(v)
-    return Cat(*out)
+    return xor_terms(Cat(crc, byte), reg)
 
 
 #: A reply for :class:`FrameTx`: command byte, payload length, and where the payload comes

@@ -4,7 +4,7 @@ These mirror the primitive operations of the golden model's numerics (rounding r
 saturation) as Amaranth expressions, so each block spells the arithmetic the same way.
 """
 
-from amaranth.hdl import Const, Mux, Shape, signed, unsigned, Value
+from amaranth.hdl import Cat, Const, Mux, Shape, signed, unsigned, Value
 from amaranth.lib import data
 
 __all__ = ["rshift_round", "rshift_round_var", "saturate", "signed_range", "bits_for",
@@ -57,3 +57,16 @@ def pos_shape(n_pos):
     """Shape of a ``pos`` field for a context of ``n_pos`` positions: it holds ``0..n_pos``,
     so a position counter that reached the end of the context is seen, not wrapped to 0."""
     return Shape.cast(range(max(2, n_pos + 1)))
+
+
+def xor_terms(inputs, terms):
+    """``Cat`` of one bit per entry of ``terms``: the XOR of the ``inputs`` bits whose indices
+    the entry holds (an empty entry is 0). How the CRC updates turn bit equations derived in
+    Python on symbolic bits into logic."""
+    out = []
+    for entry in terms:
+        v = Const(0, 1)
+        for t in sorted(entry):
+            v = v ^ inputs[t]
+        out.append(v)
+    return Cat(*out)

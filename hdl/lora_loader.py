@@ -11,9 +11,11 @@ imports the compiler.
 import enum
 import operator
 
-from amaranth.hdl import Cat, Const, Module, Signal
+from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
+
+from .arith import xor_terms
 
 __all__ = ["HEADER_BYTES", "STATUS_LAYOUT", "LoraCmd", "LoraError", "LoraLoader", "crc32_next"]
 
@@ -86,14 +88,7 @@ def crc32_next(crc, byte):
         for k in range(32):
             if _CRC32_POLY >> k & 1:
                 reg[k] = reg[k] ^ low
-    inputs = Cat(crc, byte)
-    out = []
-    for terms in reg:
-        v = Const(0, 1)
-        for t in sorted(terms):
-            v = v ^ inputs[t]
-        out.append(v)
-    return Cat(*out)
+    return xor_terms(Cat(crc, byte), reg)
 
 
 class LoraLoader(wiring.Component):
