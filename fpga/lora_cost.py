@@ -45,7 +45,14 @@ def main(argv=None):
     ap.add_argument("--targets", default="wq,wv", help="LoRA targets (wq,wv)")
     ap.add_argument("--rank", type=int, default=8, help="r_max, a power of two (8)")
     args = ap.parse_args(argv)
-    runs = lora_cost(args.out, targets=tuple(args.targets.split(",")), r_max=args.rank)
+    from ..compiler.chip_builder import LoraSpec
+    from ..compiler.errors import HardwireError
+    try:
+        spec = LoraSpec(targets=tuple(args.targets.split(",")), r_max=args.rank)
+        runs = lora_cost(args.out, targets=spec.targets, r_max=spec.r_max)
+    except (ValueError, HardwireError) as e:
+        print(f"lora_cost: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(runs, indent=2))
     c = runs["lora_cost"]
     print(f"LoRA cost: {c['LUT4']:+,} LUT4, {c['FF']:+,} FF, {c['DP16KD']:+} DP16KD, "
