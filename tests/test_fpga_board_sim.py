@@ -8,11 +8,9 @@ build (``build/board``)."""
 
 import json
 import random
-import select
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,8 @@ from hardwire.compiler.loaders.random import random_model
 from hardwire.compiler.quantize import quantize_model
 from hardwire.fpga import protocol as P
 from hardwire.fpga.host import HostLink, LinkError
+
+from board_sim_proc import running_board_sim
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build"
@@ -37,31 +37,8 @@ def board(tmp_path_factory):
     path = tmp_path_factory.mktemp("board") / "tiny.bin"
     save_llama2c(random_model(seed=7, **TINY), path)
     qm = quantize_model(load_model(path), wbits="8")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hardwire", "board-sim", str(path), "--baud-divisor", "8",
-         "--build-dir", str(BUILD)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 900            # a first build compiles the chip
-        port = None
-        while port is None and time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], 5)
-            if ready:
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                port = line.strip()
-            if proc.poll() is not None:
-                break
-        if port is None:
-            proc.kill()
-            pytest.fail(f"board-sim did not start: {proc.stderr.read()[-2000:]}")
+    with running_board_sim(path, "--baud-divisor", 8, build_dir=BUILD) as port:
         yield qm, port, path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_info_identifies_the_chip(board):

@@ -14,10 +14,8 @@ run builds two Verilator models (a few minutes), later runs reuse ``build/``.
 """
 
 import json
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +29,7 @@ from hardwire.compiler.lora import load_peft_adapter, quantize_lora
 from hardwire.compiler.lora_image import image_bytes
 from hardwire.compiler.quantize import quantize_model
 from hardwire.fpga.host import HostLink, LinkError
+from board_sim_proc import running_board_sim
 from test_lora import write_peft
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,32 +172,9 @@ def test_synth_passes_lora_to_the_board_design(tiny, tmp_path):
 def board(tiny):
     """The pty of a running ``hardwire board-sim --lora-targets q,v --lora-rank 4``."""
     path = tiny[0]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hardwire", "board-sim", str(path), "--lora-targets", "q,v",
-         "--lora-rank", "4", "--build-dir", str(BUILD)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 1200
-        port = None
-        while port is None and time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], 5)
-            if ready:
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                port = line.strip()
-            if proc.poll() is not None:
-                break
-        if port is None:
-            proc.kill()
-            pytest.fail(f"board-sim did not start: {proc.stderr.read()[-2000:]}")
+    with running_board_sim(path, "--lora-targets", "q,v", "--lora-rank", 4, build_dir=BUILD,
+                           start_timeout=1200) as port:
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _chat(port, n=N):
