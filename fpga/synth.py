@@ -302,7 +302,7 @@ def _over(est, soft_report, *, dsp_estimate, soft_lut_budget, limits):
 
 def _estimate_report(b, limits):
     est = b.estimate
-    return {"FF": est["FF"], "DP16KD": est["DP16KD"],
+    return {"FF": est["FF"], "DP16KD": est["DP16KD"], "DP16KD_packed": est["DP16KD_packed"],
             "MULT18X18D": b.soft_report["dsps"], "MULT18X18D_all_on_dsps": est["MULT18X18D"],
             "soft_multiplier_LUT4": b.soft_report["soft_luts"], "available": limits,
             "fits": b.fits, "over": b.over, "units": est["units"], "rules": est["rules"],
@@ -523,7 +523,8 @@ def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, b
                            for p in (0, min(255, design.chip.seq_len - 1))},
         "link_tokens_per_s": round(design.clock_hz / design.clocks_per_bit / frame_bits, 1),
         "rom_check": roms,
-        "estimate": {"FF": est["FF"], "DP16KD": est["DP16KD"], "MULT18X18D": est["MULT18X18D"],
+        "estimate": {"FF": est["FF"], "DP16KD": est["DP16KD"],
+                     "DP16KD_packed": est["DP16KD_packed"], "MULT18X18D": est["MULT18X18D"],
                      "soft_multiplier_LUT4": est["soft_multiplier_LUT4"],
                      "measured": {"FF": util.get("TRELLIS_FF", 0),
                                   "DP16KD": util.get("DP16KD", 0),

@@ -119,7 +119,7 @@ class Known(wiring.Component):
 def test_estimate_of_a_known_design():
     est = estimate_resources(rtlil_of(Known(), "known"))
     assert est["FF"] == 7 + 13 + 16 + 8
-    assert est["DP16KD"] == 1 + 9
+    assert est["DP16KD"] == est["DP16KD_packed"] == 1 + 9
     assert {p: (m["map"], m["DP16KD"]) for p, m in est["memories"].items()} == {
         "big": ("block", 1), "kv": ("block", 9), "small": ("logic", 0),
         "tiny": ("distributed", 0)}
