@@ -9,8 +9,10 @@ counts what the ECP5 needs:
   emits ``$dff``/``$adff`` and keeps ``process`` blocks combinational), plus the output
   register of each synchronous read port of a memory that is *not* put in block RAM (a
   DP16KD has that register inside). Yosys later removes flip-flops it proves constant or
-  unused and merges duplicates, so this is an upper bound; on the CI chip it is within a
-  few percent of Yosys' count (see ``tests/test_fpga_fit.py``).
+  unused, merges duplicates and adds a few (emulated read-port enables/resets), so this is
+  close, not a bound: CI chip 7,838 vs 7,421 in nextpnr (+5.6%), stories260K W8 most
+  folded 149,220 vs 150,037 in Yosys' pre-LUT netlist of the session-2 ``make synth``
+  (-0.5%; small ROMs then partly in block RAM).
 * **DP16KD** per memory by the memory rule (:func:`memory_rule`) and the best DP16KD aspect
   (:func:`dp16kd_blocks`): each memory packed alone, as Yosys ``memory_libmap`` does. This
   is what the fit checks. Yosys 0.70 often does better than one aspect (measured, ROMs alone
