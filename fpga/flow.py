@@ -229,7 +229,10 @@ def yosys_script(top: str, il_name: str, *, lut_mapper: str = "abc9", extra_synt
 
     ``memory_attrs``: ``(selection, attribute, value)`` set on memories before they are
     mapped (e.g. ``("n:*weight_rom", "rom_style", "block")`` puts ROMs into block RAM however
-    small). ``pre_synth``: Yosys commands run on the design before ``synth_ecp5`` (e.g.
+    small; ``hardwire synth`` passes one per memory, :func:`~.fit.memory_attrs`: Yosys
+    ``memory_libmap`` honours ``rom_style``/``ram_style`` = ``logic`` (flip-flops, i.e. LUT
+    logic for a ROM), ``distributed`` (``TRELLIS_DPR16X4``; never for ROMs: the ECP5 LUT RAM
+    is ``prune_rom``) and ``block`` (``DP16KD``, or ``PDPW16KD`` for 512x36)). ``pre_synth``: Yosys commands run on the design before ``synth_ecp5`` (e.g.
     ``booth`` on chosen multipliers, so that they become LUT logic instead of ``MULT18X18D``
     blocks). LUT mapping: ``splitnets`` then ``abc9`` (``"abc9"``), or the classic
     ``abc -lut 4:7 -dress`` (``"abc"``).

@@ -13,10 +13,21 @@ Tokens/s is ``Fmax / mean cycles per token`` over a generation of 256 tokens (or
 context, if shorter), the cycles from ``LlamaChip.cycles_per_token(pos)``: the formula the
 chip's RTL testbench (``tests/test_chip.py``) checks cycle-exactly against simulation.
 
+Before any tool runs, the plan must fit: :func:`~.fit.estimate_resources` counts the
+flip-flops, DP16KD blocks and multipliers of the elaborated board top's RTLIL (seconds); a
+plan fits only if its MULT18X18D (after the narrowest multipliers go to LUT logic, up to a
+LUT budget), DP16KD and FF are within the device. When no plan fits, ``OUT/fit.json`` gets
+the estimate and the build stops with one line naming the binding resources; no Yosys run.
+The estimate's memory rule (small ROMs in LUT logic, small RAMs in LUT RAM, the rest in
+block RAM) is imposed on Yosys with ``rom_style``/``ram_style`` on every memory, and
+``synth.json`` has the estimate next to the measured figures.
+
 Weight ROMs are checked: every ``weight_rom`` (matrix units of form ``rom``) and the
-embedding ROM must be mapped to ``DP16KD`` block RAM (matrices planned as ``const`` are
-logic by design and have no ROM); a ROM Yosys turned into flip-flops/logic fails the build
-loudly, and so does a DP16KD count below ``ROM bits / 18 Kbit``.
+embedding ROM must be mapped to ``DP16KD`` block RAM unless the memory rule put it in LUT
+logic (a ROM under a quarter of a DP16KD: etched in LUTs just the same; matrices planned as
+``const`` are logic by design and have no ROM); a ROM Yosys turned into flip-flops/logic
+against the rule fails the build loudly, and so does a DP16KD count below ``block ROM bits /
+18 Kbit``.
 """
 
 import json
@@ -28,9 +39,11 @@ from pathlib import Path
 
 from hardwire.compiler.errors import HardwireError
 
+from . import fit as fitmod
 from .flow import synthesize_rtlil
 
-__all__ = ["BOARDS", "booth_commands", "check_roms", "cycles_summary", "estimate_dsps",
+__all__ = ["BOARDS", "booth_commands", "check_memories", "check_roms", "cycles_summary",
+           "estimate_dsps",
            "fit_board", "mul_breakdown", "mul_cells", "soft_multipliers", "synth_board",
            "synth_qmodel"]
 
@@ -39,8 +52,6 @@ BOARDS = {"ulx3s-85f": ("ULX3S_85F_Platform", "85k")}
 #: Bits per DP16KD (18 Kbit).
 DP16KD_BITS = 18 * 1024
 _WEIGHT_ROM = re.compile(r"(^|\.)weight_rom$")
-#: Weight ROMs go to block RAM however small (Yosys would put small ones in logic).
-ROM_ATTRS = (("n:*weight_rom", "rom_style", "block"), ("n:*embedding.rom", "rom_style", "block"))
 _EMBED_ROM = re.compile(r"(^|\.)embedding\.rom$")
 
 
@@ -167,14 +178,26 @@ def cycles_by_unit(chip, pos):
     return out
 
 
-def check_roms(memories, *, expected_roms, rom_bits, dp16kd_used):
-    """Weight ROM placement check (see the module docstring). Returns a report dict with
-    ``ok`` and ``problems``."""
+def _is_block(cell):
+    return "16KD" in cell                # $__DP16KD_ or $__PDPW16KD_ (512x36)
+
+
+def _in(name, paths):
+    return any(name == p or name.endswith("." + p) for p in paths)
+
+
+def check_roms(memories, *, expected_roms, rom_bits, dp16kd_used, logic_roms=()):
+    """Weight ROM placement check (see the module docstring). ``logic_roms``: memory paths
+    the memory rule put in LUT logic (:func:`~.fit.memory_rule`; may be ``FF`` in the Yosys
+    log); ``rom_bits``: the bits of the weight ROMs in block RAM. Returns a report dict
+    with ``ok`` and ``problems``."""
     roms = {name: cell for name, cell in memories.items()
             if _WEIGHT_ROM.search(name) or _EMBED_ROM.search(name)}
     problems = []
     for name, cell in sorted(roms.items()):
-        if "DP16KD" not in cell:
+        if cell == "FF" and _in(name, logic_roms):
+            continue
+        if not _is_block(cell):
             how = "flip-flops/logic" if cell == "FF" else cell
             problems.append(f"weight ROM {name} was mapped to {how}, not DP16KD block RAM")
     if len(roms) < expected_roms:
@@ -184,8 +207,25 @@ def check_roms(memories, *, expected_roms, rom_bits, dp16kd_used):
         problems.append(f"{dp16kd_used} DP16KD hold fewer than the {rom_bits:,} ROM bits "
                         f"(at least {need} blocks)")
     return {"ok": not problems, "problems": problems, "weight_roms": roms,
-            "expected_weight_roms": expected_roms, "rom_bits": rom_bits,
+            "logic_weight_roms": sorted(n for n, c in roms.items() if c == "FF"),
+            "expected_weight_roms": expected_roms, "block_rom_bits": rom_bits,
             "min_dp16kd": need, "dp16kd_used": dp16kd_used}
+
+
+_RULE_CELL = {"block": _is_block, "logic": lambda c: c == "FF",
+              "distributed": lambda c: "DPR16X4" in c}
+
+
+def check_memories(memories, estimate):
+    """Yosys' memory mapping (:func:`~.flow.memory_mapping`) against the estimate's memory
+    rule: a list of ``"path: rule X, Yosys Y"`` for every memory mapped otherwise (or not
+    mapped at all)."""
+    out = []
+    for path, mem in estimate["memories"].items():
+        cells = [c for n, c in memories.items() if n == path or n.endswith("." + path)]
+        if len(cells) != 1 or not _RULE_CELL[mem["map"]](cells[0]):
+            out.append(f"{path}: rule {mem['map']}, Yosys {cells[0] if cells else 'none'}")
+    return out
 
 
 def _platform(board):
@@ -217,11 +257,13 @@ SOFT_LUT_BUDGET = 32_000
 
 
 class _Build:
-    """One elaborated candidate: the board design, its top, RTLIL, LPF, multipliers, and the
-    choice of multipliers mapped to logic under the DSP and LUT budgets."""
+    """One elaborated candidate: the board design, its top, RTLIL, LPF, multipliers, the
+    choice of multipliers mapped to logic under the DSP and LUT budgets, the resource
+    estimate (:func:`~.fit.estimate_resources`) and whether it all fits (``over``: the
+    binding resources, empty if it fits)."""
 
     def __init__(self, qm, fold, *, platform, clock_mhz, baud, build_dir, dsp_budget,
-                 soft_lut_budget, lora=None):
+                 soft_lut_budget, limits, lora=None):
         from .design import board_design
         t0 = time.monotonic()
         self.fold = fold
@@ -234,9 +276,37 @@ class _Build:
         self.muls = mul_cells(self.il)
         self.dsps = sum(m["dsps"] for m in self.muls)
         self.soft, self.soft_report = soft_multipliers(self.muls, dsp_budget)
-        self.fits = (self.soft_report["fits"] and
-                     self.soft_report["soft_luts"] <= soft_lut_budget)
+        self.estimate = fitmod.estimate_resources(self.il, muls=self.muls)
+        self.over = _over(self.estimate, self.soft_report, dsp_estimate=self.dsps,
+                          soft_lut_budget=soft_lut_budget, limits=limits)
+        self.fits = not self.over
         self.seconds = time.monotonic() - t0
+
+
+def _over(est, soft_report, *, dsp_estimate, soft_lut_budget, limits):
+    """The resources over the device (one phrase each, largest units named)."""
+    out = []
+    if est["FF"] > limits["FF"]:
+        out.append(f"{est['FF']:,} FF > {limits['FF']:,} (largest: "
+                   f"{fitmod.format_units(est['units'], 'FF')})")
+    if est["DP16KD"] > limits["DP16KD"]:
+        out.append(f"{est['DP16KD']:,} DP16KD > {limits['DP16KD']:,} (largest: "
+                   f"{fitmod.format_units(est['units'], 'DP16KD')})")
+    r = soft_report
+    if not r["fits"] or r["soft_luts"] > soft_lut_budget:
+        out.append(f"{dsp_estimate:,} MULT18X18D > {r['dsp_budget']:,}: moving "
+                   f"{r['soft_multipliers']:,} multipliers to LUT logic (~"
+                   f"{r['soft_luts']:,} LUT4, budget {soft_lut_budget:,}) leaves {r['dsps']:,}")
+    return out
+
+
+def _estimate_report(b, limits):
+    est = b.estimate
+    return {"FF": est["FF"], "DP16KD": est["DP16KD"], "DP16KD_packed": est["DP16KD_packed"],
+            "MULT18X18D": b.soft_report["dsps"], "MULT18X18D_all_on_dsps": est["MULT18X18D"],
+            "soft_multiplier_LUT4": b.soft_report["soft_luts"], "available": limits,
+            "fits": b.fits, "over": b.over, "units": est["units"], "rules": est["rules"],
+            "memories": est["memories"], "method": est["method"]}
 
 
 def mul_breakdown(muls, soft=()):
@@ -262,22 +332,27 @@ def mul_breakdown(muls, soft=()):
 
 def fit_board(qm, fold=None, *, board="ulx3s-85f", clock_mhz=50.0, baud=115200,
               build_dir="build/fit", progress=False, dsp_budget=None,
-              soft_lut_budget=SOFT_LUT_BUDGET, lora=None):
+              soft_lut_budget=SOFT_LUT_BUDGET, lora=None, limits=None, fit_json=None):
     """Choose and elaborate the board design of ``qm`` (see :func:`synth_qmodel`) without
-    running the tools: returns ``(build, fit report)``; raises :class:`HardwireError` if the
-    chip cannot fit."""
+    running the tools: returns ``(build, fit report)`` (the report also in ``fit_json``, if
+    given); raises :class:`HardwireError` if the chip cannot fit."""
     platform, device = _platform(board)
     return _fit(qm, fold, platform=platform, device=device, clock_mhz=clock_mhz, baud=baud,
                 build_dir=Path(build_dir), progress=progress, dsp_budget=dsp_budget,
-                soft_lut_budget=soft_lut_budget, lora=lora)
+                soft_lut_budget=soft_lut_budget, lora=lora, limits=limits, fit_json=fit_json)
 
 
 def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, dsp_budget=None,
-         soft_lut_budget=SOFT_LUT_BUDGET, lora=None):
+         soft_lut_budget=SOFT_LUT_BUDGET, lora=None, fit_json=None, limits=None):
     """Elaborate the board for ``fold``, or (``fold=None``) choose the least folded plan
-    whose multipliers fit the device: on its MULT18X18D blocks (at most ``dsp_budget``,
-    default all), with the narrowest ones mapped to LUT logic (:func:`soft_multipliers`) up
-    to ``soft_lut_budget`` estimated LUT4. Returns ``(build, fit report)``."""
+    that fits the device: its flip-flops and DP16KD (:func:`~.fit.estimate_resources`)
+    within the device's (or ``limits``: ``{"FF": n, "DP16KD": n}`` overrides), its
+    multipliers on the MULT18X18D blocks (at most ``dsp_budget``, default all) with the
+    narrowest ones mapped to LUT logic (:func:`soft_multipliers`) up to ``soft_lut_budget``
+    estimated LUT4. The most folded plan is tried first (if it does not fit, nothing does),
+    then the planner's, then up to three ``macs=`` budgets between them. Returns ``(build,
+    fit report)``; writes the report to ``fit_json`` if given, also (before raising
+    :class:`HardwireError`) when nothing fits."""
     from hardwire.compiler.plan import attention_mac_units, mac_units
 
     from .flow import DEVICE_BLOCKS
@@ -285,7 +360,13 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
     budget = avail if dsp_budget is None else min(int(dsp_budget), avail)
     if budget < 0 or soft_lut_budget < 0:
         raise HardwireError("the DSP and soft-multiplier LUT budgets must be non-negative")
-    board_name = f"{platform.device} ({avail} MULT18X18D)"
+    limits = dict(limits or {})
+    if set(limits) - {"FF", "DP16KD"} or any(
+            not isinstance(v, int) or v < 0 for v in limits.values()):
+        raise HardwireError(f"resource limits must be non-negative FF / DP16KD counts, not "
+                            f"{limits}")
+    limits = {"FF": fitmod.DEVICE_LOGIC[device], "DP16KD": DEVICE_BLOCKS[device]["DP16KD"],
+              "MULT18X18D": budget, **limits}
     tried = []
 
     def build(f):
@@ -294,41 +375,53 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
         # an Amaranth platform prepares one build only: a fresh one per candidate
         b = _Build(qm, f, platform=type(platform)(), clock_mhz=clock_mhz, baud=baud,
                    build_dir=build_dir, dsp_budget=budget, soft_lut_budget=soft_lut_budget,
-                   lora=lora)
-        r = b.soft_report
+                   limits=limits, lora=lora)
+        r, est = b.soft_report, b.estimate
         tried.append({"fold": f, "dsp_estimate": b.dsps, "dsps_after_soft": r["dsps"],
                       "soft_multipliers": r["soft_multipliers"], "soft_luts": r["soft_luts"],
-                      "fits": b.fits})
-        _say(progress, f"  {b.dsps} MULT18X18D if every multiplier were a DSP; "
-                       f"{r['soft_multipliers']} multipliers to LUT logic (~{r['soft_luts']:,}"
-                       f" LUT4) leave {r['dsps']} ({budget} budget, {avail} available): "
-                       f"{'fits' if b.fits else 'does not fit'}; elaborated in "
-                       f"{b.seconds:.1f} s")
+                      "FF": est["FF"], "DP16KD": est["DP16KD"], "fits": b.fits,
+                      "over": b.over})
+        _say(progress, f"  estimate: {est['FF']:,} FF ({limits['FF']:,} available), "
+                       f"{est['DP16KD']} DP16KD ({limits['DP16KD']}), {b.dsps} MULT18X18D if "
+                       f"every multiplier were a DSP; {r['soft_multipliers']} multipliers to "
+                       f"LUT logic (~{r['soft_luts']:,} LUT4) leave {r['dsps']} ({budget} "
+                       f"budget, {avail} available): {'fits' if b.fits else 'does not fit'}; "
+                       f"elaborated in {b.seconds:.1f} s")
         return b
 
     def report(b, how):
-        return {"fold": b.fold, "chosen": how, "dsp_estimate": b.dsps, "dsp_available": avail,
-                "dsp_budget": budget, "soft_lut_budget": soft_lut_budget,
-                **{k: b.soft_report[k] for k in ("dsps", "soft_multipliers", "soft_luts")},
-                "multipliers": mul_breakdown(b.muls, b.soft), "tried": tried}
+        rep = {"model": qm.name, "device": platform.device, "fold": b.fold, "chosen": how,
+               "fits": b.fits, "dsp_estimate": b.dsps, "dsp_available": avail,
+               "dsp_budget": budget, "soft_lut_budget": soft_lut_budget,
+               **{k: b.soft_report[k] for k in ("dsps", "soft_multipliers", "soft_luts")},
+               "estimate": _estimate_report(b, limits),
+               "multipliers": mul_breakdown(b.muls, b.soft), "tried": tried}
+        if fit_json is not None:
+            Path(fit_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(fit_json).write_text(json.dumps(rep, indent=1) + "\n")
+        return rep
+
+    def refuse(b, what):
+        report(b, "none fits")
+        where = f"; estimate in {fit_json}" if fit_json is not None else ""
+        raise HardwireError(f"{qm.name} does not fit the {platform.device}: {what} needs "
+                            + ", ".join(b.over) + where)
 
     if fold is not None:
         b = build(fold)
+        if not b.fits:
+            refuse(b, f"the plan --fold {fold}")
         return b, report(b, "--fold")
-    b = build(None)
-    if b.fits:
-        return b, report(b, "planner default (fits)")
+    # the most folded plan first: the smallest and quickest to elaborate; when even it does
+    # not fit, no plan does, and the build stops before the (slow) planner default
     most = build(MOST_FOLDED)
     if not most.fits:
         pm = most.design.plan
-        r = most.soft_report
-        raise HardwireError(
-            f"{qm.name} does not fit the {board_name}: even the most folded "
-            f"plan needs about {most.dsps} MULT18X18D (projections and classifier "
-            f"{mac_units(pm)}, attention lanes {attention_mac_units(pm)}, the rest in the "
-            f"per-layer datapath: requantizers, norms, RoPE, softmax), the FPGA has {avail}; "
-            f"mapping {r['soft_multipliers']} of them to LUT logic (~{r['soft_luts']:,} LUT4, "
-            f"budget {soft_lut_budget:,}) leaves {r['dsps']}")
+        refuse(most, f"even the most folded plan ({mac_units(pm)} projection and classifier "
+                     f"MACs, {attention_mac_units(pm)} attention lanes)")
+    b = build(None)
+    if b.fits:
+        return b, report(b, "planner default (fits)")
     # between the two: the largest projection budget that still fits
     hi, lo = mac_units(b.design.plan), mac_units(most.design.plan)
     best = most
@@ -351,12 +444,15 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
 def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, baud=115200,
                  seed=1, lut_mapper="auto", progress=True, timeout_s=None, gen_tokens=256,
                  nextpnr_opts=(), extra=None, dsp_budget=None, soft_lut_budget=SOFT_LUT_BUDGET,
-                 lora=None):
+                 lora=None, limits=None):
     """Synthesize the board design of a :class:`QuantizedModel` into ``out_dir``.
 
     The plan is ``fold`` or the least folded one that fits (:func:`fit_board`); multipliers
     over ``dsp_budget`` MULT18X18D (default: the device's) are mapped to LUT logic with
-    Yosys ``booth`` (:func:`soft_multipliers`: constants always, then the narrowest)."""
+    Yosys ``booth`` (:func:`soft_multipliers`: constants always, then the narrowest).
+    ``limits`` (``{"FF": n, "DP16KD": n}``) lowers the device's figures for the fit; a plan
+    that does not fit raises :class:`HardwireError` before Yosys, with ``fit.json``
+    written."""
     from hardwire.compiler.plan import rom_bits
     from hardwire.compiler.quantize import wbits_label
 
@@ -366,7 +462,8 @@ def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, b
     platform, device = _platform(board)
     b, fit = _fit(qm, fold, platform=platform, device=device, clock_mhz=clock_mhz, baud=baud,
                   build_dir=out / "amaranth", progress=progress, dsp_budget=dsp_budget,
-                  soft_lut_budget=soft_lut_budget, lora=lora)
+                  soft_lut_budget=soft_lut_budget, lora=lora, fit_json=out / "fit.json",
+                  limits=limits)
     design, top, name = b.design, b.top, b.design.name
     il = out / f"{name}.il"
     lpf = out / f"{name}.lpf"
@@ -380,14 +477,20 @@ def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, b
                             speed="6", lpf=lpf, freq_mhz=design.clock_hz / 1e6,
                             progress=progress, seed=seed, timeout_s=timeout_s,
                             lut_mapper=lut_mapper, ecppack_opts=("--compress",),
-                            bitstream_name=f"{name}.bit", memory_attrs=ROM_ATTRS,
+                            bitstream_name=f"{name}.bit",
+                            memory_attrs=fitmod.memory_attrs(b.estimate),
                             nextpnr_opts=nextpnr_opts, pre_synth=booth_commands(b.soft))
 
     bits = rom_bits(qm, design.plan)
     expected = sum(1 for k, v in bits.items() if k != "total" and v > 0)
     util = flow["utilization"]
-    roms = check_roms(flow["memories"], expected_roms=expected, rom_bits=bits["total"],
-                      dp16kd_used=util.get("DP16KD", 0))
+    mems = b.estimate["memories"]
+    weight = {p: m for p, m in mems.items() if _WEIGHT_ROM.search(p) or _EMBED_ROM.search(p)}
+    roms = check_roms(flow["memories"], expected_roms=expected,
+                      rom_bits=sum(m["bits"] for m in weight.values() if m["map"] == "block"),
+                      dp16kd_used=util.get("DP16KD", 0),
+                      logic_roms=[p for p, m in weight.items() if m["map"] == "logic"])
+    est = fit["estimate"]
     cyc = cycles_summary(design.chip, gen_tokens)
     clk_name, fmax = _sync_fmax(flow["fmax_mhz"])
     clock = design.clock_hz / 1e6
@@ -420,6 +523,14 @@ def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, b
                            for p in (0, min(255, design.chip.seq_len - 1))},
         "link_tokens_per_s": round(design.clock_hz / design.clocks_per_bit / frame_bits, 1),
         "rom_check": roms,
+        "estimate": {"FF": est["FF"], "DP16KD": est["DP16KD"],
+                     "DP16KD_packed": est["DP16KD_packed"], "MULT18X18D": est["MULT18X18D"],
+                     "soft_multiplier_LUT4": est["soft_multiplier_LUT4"],
+                     "measured": {"FF": util.get("TRELLIS_FF", 0),
+                                  "DP16KD": util.get("DP16KD", 0),
+                                  "MULT18X18D": util.get("MULT18X18D", 0)},
+                     "memory_rule_mismatches": check_memories(flow["memories"], b.estimate),
+                     "units": est["units"], "source": "fit.json"},
         "utilization": util, "memories": flow["memories"], "lut_mapper": flow["lut_mapper"],
         "bitstream": flow["bitstream"], "rtlil": str(il), "lpf": str(lpf),
         "logs": flow["logs"],
