@@ -323,6 +323,8 @@ def default_calibration_tokens(model, n=160, starts=6, seed=0):
     from .reference import generate_greedy
     n = min(n, model.config.seq_len - 2)
     rng = np.random.default_rng(seed)
+    # a tiny vocabulary has fewer than ``starts`` ordinary tokens (ids 0-2 are special)
+    starts = max(0, min(starts, model.config.vocab_size - 3))
     firsts = rng.choice(np.arange(3, model.config.vocab_size), size=starts, replace=False)
     seqs = [[1]] + [[1, int(t)] for t in firsts]
     return [s + generate_greedy(model, s, n) for s in seqs]

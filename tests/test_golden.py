@@ -103,6 +103,19 @@ def test_wbits_spec_forms():
     assert parse_wbits("3/6")["attn_out"] == 3
 
 
+@pytest.mark.parametrize("vocab", [3, 4, 8, 9])
+def test_calibration_of_a_tiny_vocabulary(vocab):
+    """Fewer ordinary tokens (ids 3..vocab-1) than random starts: one start per token, none
+    repeated, and quantization works (it used to raise from ``rng.choice``)."""
+    m = random_model(seed=1, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=12,
+                     vocab_size=vocab, seq_len=8)
+    seqs = default_calibration_tokens(m, starts=6)
+    firsts = [s[1] for s in seqs[1:]]
+    assert len(firsts) == min(6, vocab - 3) == len(set(firsts))
+    assert all(3 <= t < vocab for t in firsts)
+    assert quantize_model(m, wbits="8").digest()
+
+
 def _row_output_error(w, q, scale, gram):
     d = np.asarray(w, dtype=np.float64) - q * scale[:, None]
     return np.einsum("ij,jk,ik->i", d, gram, d)
