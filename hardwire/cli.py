@@ -173,7 +173,8 @@ def _build_parser():
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--wbits", default="8", help="weight widths (8, 4, 3/6, '4,embed=8')")
     p.add_argument("--fold", default=None, help="folding (see compile --help; default: the "
-                   "planner's, folded further until the multipliers fit the FPGA)")
+                   "planner's, folded further until it fits the FPGA: multipliers, block "
+                   "RAM, flip-flops)")
     p.add_argument("--clock-mhz", type=_positive_float, default=50.0,
                    help="design clock made by the PLL from 25 MHz (50)")
     p.add_argument("--baud", type=_positive_int, default=115200, help="UART baud rate (115200)")
