@@ -58,7 +58,9 @@ class Attention(wiring.Component):
     ``head_size`` products and one ``e_t * v_t`` row update per lane per cycle); the
     ``n_heads // head_lanes`` head groups take turns. For each group the cache is swept twice,
     one row per cycle: pass 1 finds the maximum score, pass 2 recomputes the scores, looks up
-    ``e_t`` (a ROM read) and accumulates ``Z`` and ``acc``. The sweeps of successive groups
+    ``e_t`` and accumulates ``Z`` and ``acc``. A row's pass-2 pipeline is registered at every
+    stage: the row read, the score, the clamped gap ``max - s_t``, the exp-table index (the
+    ROM address), the ROM data, the accumulators. The sweeps of successive groups
     follow back to back; each group's reciprocal and output scaling (four pipelined cycles:
     leading-one detection and ROM read, the products, the rounding shift, the saturation)
     overlap the next group's sweep. Score gaps are
@@ -212,12 +214,12 @@ class Attention(wiring.Component):
     def latency(self, pos):
         """Cycles from the input transfer at ``pos`` to the first cycle ``o.valid`` is high
         (``o`` ready: the cycles to the output transfer): the input register and the cache
-        write (2), two sweeps of ``pos + 1`` rows per head group, then seven registers (row
-        read, score, exp ROM read, accumulator, reciprocal ROM read, product, rounded shift)
-        and the output."""
+        write (2), two sweeps of ``pos + 1`` rows per head group, then nine registers (row
+        read, score, clamped gap, exp-table index, exp ROM read, accumulator, reciprocal ROM
+        read, product, rounded shift) and the output."""
         if not 0 <= pos < self._n_pos:
             raise ValueError(f"pos ({pos}) must lie in [0, n_pos = {self._n_pos})")
-        return 2 * self.head_groups * (pos + 1) + 9
+        return 2 * self.head_groups * (pos + 1) + 11
 
     def initiation_interval(self, pos):
         """Cycles from the input transfer at ``pos`` to the next input transfer, with ``i``
@@ -272,14 +274,16 @@ class Attention(wiring.Component):
         issue = Signal()
         m.d.comb += [kv_r.addr.eq(t), kv_r.en.eq(issue)]
 
-        # pipeline stage registers: A (rows arrive), B (scores), C (exp ROM data)
+        # pipeline stage registers: A (rows arrive), B (scores), B1 (clamped gaps), B2 (exp
+        # table indices, the ROM address), C (exp ROM data)
         def beat(name):
             return {f: Signal(shape, name=f"{name}_{f}") for f, shape in
                     (("valid", 1), ("second", 1), ("first", 1), ("last", 1), ("g", range(G)))}
-        a, bb, c = beat("a"), beat("b"), beat("c")
+        a, bb, b1, b2, c = beat("a"), beat("b"), beat("b1"), beat("b2"), beat("c")
         m.d.sync += [a["valid"].eq(issue), a["second"].eq(second), a["first"].eq(t == 0),
                      a["last"].eq(t == pos), a["g"].eq(g)]
-        m.d.sync += [bb[f].eq(a[f]) for f in bb] + [c[f].eq(bb[f]) for f in c]
+        for dst, src in ((bb, a), (b1, bb), (b2, b1), (c, b2)):
+            m.d.sync += [dst[f].eq(src[f]) for f in dst]
 
         done = Signal()     # the last group's output is written this cycle
         with m.FSM():
@@ -346,19 +350,25 @@ class Attention(wiring.Component):
             b_v = Signal(head_vec, name=f"b_v{lane}")
             m.d.sync += [b_s.eq(score), b_v.eq(v_h)]
 
-            # stage B: pass 1 keeps the maximum; pass 2 forms the exp-table index
+            # stage B: pass 1 keeps the maximum; pass 2 registers the clamped score gap
             top = Signal(r["score"], name=f"max{lane}")
             with m.If(bb["valid"] & ~bb["second"]):
                 m.d.sync += top.eq(Mux(bb["first"] | (b_s > top), b_s, top))
-            gap = Signal(range(dcap + 1), name=f"gap{lane}")
-            m.d.comb += gap.eq(Mux(top - b_s > dcap, dcap, top - b_s))
-            index = rshift_round(gap * self._exp_mult, self._exp_shift)
+            b1_gap = Signal(range(dcap + 1), name=f"b1_gap{lane}")
+            m.d.sync += b1_gap.eq(Mux(top - b_s > dcap, dcap, top - b_s))
+
+            # stage B1: the exp-table index of the gap (registered: the ROM address)
+            index = rshift_round(b1_gap * self._exp_mult, self._exp_shift)
+            b2_index = Signal(range(self._exp_len), name=f"b2_index{lane}")
+            m.d.sync += b2_index.eq(Mux(index > self._exp_len - 1, self._exp_len - 1, index))
+
+            # stage B2: exp ROM read
             exp_rd = exp_rom.read_port()
-            m.d.comb += [exp_rd.en.eq(1),
-                         exp_rd.addr.eq(Mux(index > self._exp_len - 1, self._exp_len - 1,
-                                            index))]
+            m.d.comb += [exp_rd.en.eq(1), exp_rd.addr.eq(b2_index)]
+            b1_v = Signal(head_vec, name=f"b1_v{lane}")
+            b2_v = Signal(head_vec, name=f"b2_v{lane}")
             c_v = Signal(head_vec, name=f"c_v{lane}")
-            m.d.sync += c_v.eq(b_v)
+            m.d.sync += [b1_v.eq(b_v), b2_v.eq(b1_v), c_v.eq(b2_v)]
 
             # stage C: accumulate Z and acc; the group's last row also hands them to F
             e = exp_rd.data
