@@ -3,11 +3,11 @@
 import operator
 
 import numpy as np
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, pos_shape, rshift_round, rshift_round_var, saturate, vector_layout
+from .arith import bits_for, pos_shape, rshift_round, saturate, vector_layout
 from .kvcache import KVCache
 
 __all__ = ["Attention"]
@@ -61,8 +61,9 @@ class Attention(wiring.Component):
     ``e_t`` and accumulates ``Z`` and ``acc``. A row's pass-2 pipeline is registered at every
     stage: the row read, the score, the clamped gap ``max - s_t``, the exp-table index (the
     ROM address), the ROM data, the accumulators. The sweeps of successive groups
-    follow back to back; each group's reciprocal and output scaling (four pipelined cycles:
-    leading-one detection and ROM read, the products, the rounding shift, the saturation)
+    follow back to back; each group's reciprocal and output scaling (five pipelined cycles:
+    leading-one detection and ROM read, the products, the rounding add, the shift, the
+    saturation)
     overlap the next group's sweep. Score gaps are
     clamped before the ``exp_mult`` product at the first gap that reaches the last table entry
     (the index is unchanged, the multiplier operand stays narrow).
@@ -214,12 +215,12 @@ class Attention(wiring.Component):
     def latency(self, pos):
         """Cycles from the input transfer at ``pos`` to the first cycle ``o.valid`` is high
         (``o`` ready: the cycles to the output transfer): the input register and the cache
-        write (2), two sweeps of ``pos + 1`` rows per head group, then nine registers (row
+        write (2), two sweeps of ``pos + 1`` rows per head group, then ten registers (row
         read, score, clamped gap, exp-table index, exp ROM read, accumulator, reciprocal ROM
-        read, product, rounded shift) and the output."""
+        read, product, rounding add, shift) and the output."""
         if not 0 <= pos < self._n_pos:
             raise ValueError(f"pos ({pos}) must lie in [0, n_pos = {self._n_pos})")
-        return 2 * self.head_groups * (pos + 1) + 11
+        return 2 * self.head_groups * (pos + 1) + 12
 
     def initiation_interval(self, pos):
         """Cycles from the input transfer at ``pos`` to the next input transfer, with ``i``
@@ -320,10 +321,12 @@ class Attention(wiring.Component):
         f1_valid, f1_g = Signal(), Signal(range(G))
         f2_valid, f2_g = Signal(), Signal(range(G))
         f3_valid, f3_g = Signal(), Signal(range(G))
+        f4_valid, f4_g = Signal(), Signal(range(G))
         m.d.sync += [f_valid.eq(c["valid"] & c["second"] & c["last"]), f_g.eq(c["g"]),
                      f1_valid.eq(f_valid), f1_g.eq(f_g), f2_valid.eq(f1_valid), f2_g.eq(f1_g),
-                     f3_valid.eq(f2_valid), f3_g.eq(f2_g)]
-        m.d.comb += done.eq(f3_valid & (f3_g == G - 1))
+                     f3_valid.eq(f2_valid), f3_g.eq(f2_g), f4_valid.eq(f3_valid),
+                     f4_g.eq(f3_g)]
+        m.d.comb += done.eq(f4_valid & (f4_g == G - 1))
         out = Signal(vector_layout(self._out_bits, self.dim))
         m.d.comb += self.o.payload.eq(out)
         with m.If(self.o.valid & self.o.ready):
@@ -404,22 +407,29 @@ class Attention(wiring.Component):
             f2_p = Signal(data.ArrayLayout(prod_shape, hs), name=f"f2_p{lane}")
             shift0 = self._recip_frac - rb + self._out_shift
             shift = Signal(range(shift0 + r["z"].width + 1), name=f"out_shift{lane}")
-            q_shape = rshift_round_var(f2_p[0], shift).shape()
             m.d.sync += shift.eq(shift0 + f1_n)
             with m.If(f1_valid):
                 m.d.sync += [f2_p[d].eq(f_acc[d] * recip_rd.data) for d in range(hs)]
 
-            # stage F2: rounding right shift by recip_frac + n - recip_bits + out_shift
-            f3_q = Signal(data.ArrayLayout(q_shape, hs), name=f"f3_q{lane}")
+            # stages F2, F3: rounding right shift by recip_frac + n - recip_bits + out_shift
+            # (rshift_round_var), the rounding add and the shift registered apart
+            half = (Const(1, unsigned(1)) << shift) >> 1
+            f3_r = Signal(data.ArrayLayout((f2_p[0] + half).shape(), hs), name=f"f3_r{lane}")
+            f3_shift = Signal.like(shift, name=f"f3_shift{lane}")
+            m.d.sync += f3_shift.eq(shift)
             with m.If(f2_valid):
-                m.d.sync += [f3_q[d].eq(rshift_round_var(f2_p[d], shift)) for d in range(hs)]
-
-            # stage F3: saturate into the head's slot of the output
+                m.d.sync += [f3_r[d].eq(f2_p[d] + half) for d in range(hs)]
+            f4_q = Signal(data.ArrayLayout((f3_r[0] >> f3_shift).shape(), hs),
+                          name=f"f4_q{lane}")
             with m.If(f3_valid):
-                with m.Switch(f3_g):
+                m.d.sync += [f4_q[d].eq(f3_r[d] >> f3_shift) for d in range(hs)]
+
+            # stage F4: saturate into the head's slot of the output
+            with m.If(f4_valid):
+                with m.Switch(f4_g):
                     for grp in range(G):
                         head = grp * H + lane
                         with m.Case(grp):
-                            m.d.sync += [out[head * hs + d].eq(saturate(f3_q[d], self._out_bits))
+                            m.d.sync += [out[head * hs + d].eq(saturate(f4_q[d], self._out_bits))
                                          for d in range(hs)]
         return m
