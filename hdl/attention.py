@@ -61,9 +61,9 @@ class Attention(wiring.Component):
     ``e_t`` and accumulates ``Z`` and ``acc``. A row's pass-2 pipeline is registered at every
     stage: the row read, the score, the clamped gap ``max - s_t``, the exp-table index (the
     ROM address), the ROM data, the accumulators. The sweeps of successive groups
-    follow back to back; each group's reciprocal and output scaling (five pipelined cycles:
-    leading-one detection and ROM read, the products, the rounding add, the shift, the
-    saturation)
+    follow back to back; each group's reciprocal and output scaling (six pipelined cycles:
+    leading-one detection and ROM read, the registered ROM data, the products, the rounding
+    add, the shift, the saturation)
     overlap the next group's sweep. Score gaps are
     clamped before the ``exp_mult`` product at the first gap that reaches the last table entry
     (the index is unchanged, the multiplier operand stays narrow).
@@ -215,12 +215,12 @@ class Attention(wiring.Component):
     def latency(self, pos):
         """Cycles from the input transfer at ``pos`` to the first cycle ``o.valid`` is high
         (``o`` ready: the cycles to the output transfer): the input register and the cache
-        write (2), two sweeps of ``pos + 1`` rows per head group, then ten registers (row
+        write (2), two sweeps of ``pos + 1`` rows per head group, then eleven registers (row
         read, score, clamped gap, exp-table index, exp ROM read, accumulator, reciprocal ROM
-        read, product, rounding add, shift) and the output."""
+        read, its data, product, rounding add, shift) and the output."""
         if not 0 <= pos < self._n_pos:
             raise ValueError(f"pos ({pos}) must lie in [0, n_pos = {self._n_pos})")
-        return 2 * self.head_groups * (pos + 1) + 12
+        return 2 * self.head_groups * (pos + 1) + 13
 
     def initiation_interval(self, pos):
         """Cycles from the input transfer at ``pos`` to the next input transfer, with ``i``
@@ -317,16 +317,13 @@ class Attention(wiring.Component):
 
         # -- lanes --------------------------------------------------------------------------
         dcap = min(r["gap_max"], _exp_clamp(self._exp_mult, self._exp_shift, self._exp_len))
-        f_valid, f_g = Signal(), Signal(range(G))
-        f1_valid, f1_g = Signal(), Signal(range(G))
-        f2_valid, f2_g = Signal(), Signal(range(G))
-        f3_valid, f3_g = Signal(), Signal(range(G))
-        f4_valid, f4_g = Signal(), Signal(range(G))
-        m.d.sync += [f_valid.eq(c["valid"] & c["second"] & c["last"]), f_g.eq(c["g"]),
-                     f1_valid.eq(f_valid), f1_g.eq(f_g), f2_valid.eq(f1_valid), f2_g.eq(f1_g),
-                     f3_valid.eq(f2_valid), f3_g.eq(f2_g), f4_valid.eq(f3_valid),
-                     f4_g.eq(f3_g)]
-        m.d.comb += done.eq(f4_valid & (f4_g == G - 1))
+        # output stages F0..F5 of a head group (valid and group index of each)
+        fv = [Signal(name=f"f{i}_valid") for i in range(6)]
+        fg = [Signal(range(G), name=f"f{i}_g") for i in range(6)]
+        m.d.sync += [fv[0].eq(c["valid"] & c["second"] & c["last"]), fg[0].eq(c["g"])]
+        m.d.sync += [fv[i].eq(fv[i - 1]) for i in range(1, 6)]
+        m.d.sync += [fg[i].eq(fg[i - 1]) for i in range(1, 6)]
+        m.d.comb += done.eq(fv[5] & (fg[5] == G - 1))
         out = Signal(vector_layout(self._out_bits, self.dim))
         m.d.comb += self.o.payload.eq(out)
         with m.If(self.o.valid & self.o.ready):
@@ -402,34 +399,42 @@ class Attention(wiring.Component):
             f1_n = Signal.like(n, name=f"f1_n{lane}")
             m.d.sync += f1_n.eq(n)
 
-            # stage F1: the products acc * recip (registered)
-            prod_shape = (f_acc[0] * recip_rd.data).shape()
-            f2_p = Signal(data.ArrayLayout(prod_shape, hs), name=f"f2_p{lane}")
+            # stage F1: the ROM data and acc registered (f_acc may change before F2)
+            f2_recip = Signal.like(recip_rd.data, name=f"f2_recip{lane}")
+            f2_acc = Signal.like(f_acc, name=f"f2_acc{lane}")
             shift0 = self._recip_frac - rb + self._out_shift
             shift = Signal(range(shift0 + r["z"].width + 1), name=f"out_shift{lane}")
             m.d.sync += shift.eq(shift0 + f1_n)
-            with m.If(f1_valid):
-                m.d.sync += [f2_p[d].eq(f_acc[d] * recip_rd.data) for d in range(hs)]
+            with m.If(fv[1]):
+                m.d.sync += [f2_recip.eq(recip_rd.data), f2_acc.eq(f_acc)]
 
-            # stages F2, F3: rounding right shift by recip_frac + n - recip_bits + out_shift
-            # (rshift_round_var), the rounding add and the shift registered apart
-            half = (Const(1, unsigned(1)) << shift) >> 1
-            f3_r = Signal(data.ArrayLayout((f2_p[0] + half).shape(), hs), name=f"f3_r{lane}")
+            # stage F2: the products acc * recip (registered)
+            prod_shape = (f2_acc[0] * f2_recip).shape()
+            f3_p = Signal(data.ArrayLayout(prod_shape, hs), name=f"f3_p{lane}")
             f3_shift = Signal.like(shift, name=f"f3_shift{lane}")
             m.d.sync += f3_shift.eq(shift)
-            with m.If(f2_valid):
-                m.d.sync += [f3_r[d].eq(f2_p[d] + half) for d in range(hs)]
-            f4_q = Signal(data.ArrayLayout((f3_r[0] >> f3_shift).shape(), hs),
-                          name=f"f4_q{lane}")
-            with m.If(f3_valid):
-                m.d.sync += [f4_q[d].eq(f3_r[d] >> f3_shift) for d in range(hs)]
+            with m.If(fv[2]):
+                m.d.sync += [f3_p[d].eq(f2_acc[d] * f2_recip) for d in range(hs)]
 
-            # stage F4: saturate into the head's slot of the output
-            with m.If(f4_valid):
-                with m.Switch(f4_g):
+            # stages F3, F4: rounding right shift by recip_frac + n - recip_bits + out_shift
+            # (rshift_round_var), the rounding add and the shift registered apart
+            half = (Const(1, unsigned(1)) << f3_shift) >> 1
+            f4_r = Signal(data.ArrayLayout((f3_p[0] + half).shape(), hs), name=f"f4_r{lane}")
+            f4_shift = Signal.like(shift, name=f"f4_shift{lane}")
+            m.d.sync += f4_shift.eq(f3_shift)
+            with m.If(fv[3]):
+                m.d.sync += [f4_r[d].eq(f3_p[d] + half) for d in range(hs)]
+            f5_q = Signal(data.ArrayLayout((f4_r[0] >> f4_shift).shape(), hs),
+                          name=f"f5_q{lane}")
+            with m.If(fv[4]):
+                m.d.sync += [f5_q[d].eq(f4_r[d] >> f4_shift) for d in range(hs)]
+
+            # stage F5: saturate into the head's slot of the output
+            with m.If(fv[5]):
+                with m.Switch(fg[5]):
                     for grp in range(G):
                         head = grp * H + lane
                         with m.Case(grp):
-                            m.d.sync += [out[head * hs + d].eq(saturate(f4_q[d], self._out_bits))
+                            m.d.sync += [out[head * hs + d].eq(saturate(f5_q[d], self._out_bits))
                                          for d in range(hs)]
         return m
