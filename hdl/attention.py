@@ -60,12 +60,11 @@ class Attention(wiring.Component):
     one row per cycle: pass 1 finds the maximum score, pass 2 recomputes the scores, looks up
     ``e_t`` and accumulates ``Z`` and ``acc``. A row's pass-2 pipeline is registered at every
     stage: the row read, the score, the clamped gap ``max - s_t``, the exp-table index (the
-    ROM address), the ROM data, the accumulators. The sweeps of successive groups
-    follow back to back; each group's reciprocal and output scaling (six pipelined cycles:
-    leading-one detection and ROM read, the registered ROM data, the products, the rounding
-    add, the shift, the saturation)
-    overlap the next group's sweep. Score gaps are
-    clamped before the ``exp_mult`` product at the first gap that reaches the last table entry
+    ROM address), the ROM read, its data registered (before the ``e_t * v_t`` products),
+    the accumulators. The sweeps of successive groups follow back to back; each group's
+    reciprocal and output scaling (six pipelined cycles: leading-one detection and ROM read,
+    the registered ROM data, the products, the rounding add, the shift, the saturation)
+    overlap the next group's sweep. Score gaps are clamped before the ``exp_mult`` product at the first gap that reaches the last table entry
     (the index is unchanged, the multiplier operand stays narrow).
 
     An input with ``pos >= n_pos`` (context full) is consumed without output, leaves the cache
@@ -215,12 +214,12 @@ class Attention(wiring.Component):
     def latency(self, pos):
         """Cycles from the input transfer at ``pos`` to the first cycle ``o.valid`` is high
         (``o`` ready: the cycles to the output transfer): the input register and the cache
-        write (2), two sweeps of ``pos + 1`` rows per head group, then eleven registers (row
-        read, score, clamped gap, exp-table index, exp ROM read, accumulator, reciprocal ROM
-        read, its data, product, rounding add, shift) and the output."""
+        write (2), two sweeps of ``pos + 1`` rows per head group, then twelve registers (row
+        read, score, clamped gap, exp-table index, exp ROM read, its data, accumulator,
+        reciprocal ROM read, its data, product, rounding add, shift) and the output."""
         if not 0 <= pos < self._n_pos:
             raise ValueError(f"pos ({pos}) must lie in [0, n_pos = {self._n_pos})")
-        return 2 * self.head_groups * (pos + 1) + 13
+        return 2 * self.head_groups * (pos + 1) + 14
 
     def initiation_interval(self, pos):
         """Cycles from the input transfer at ``pos`` to the next input transfer, with ``i``
@@ -276,14 +275,14 @@ class Attention(wiring.Component):
         m.d.comb += [kv_r.addr.eq(t), kv_r.en.eq(issue)]
 
         # pipeline stage registers: A (rows arrive), B (scores), B1 (clamped gaps), B2 (exp
-        # table indices, the ROM address), C (exp ROM data)
+        # table indices, the ROM address), C (exp ROM data), D (the data registered)
         def beat(name):
             return {f: Signal(shape, name=f"{name}_{f}") for f, shape in
                     (("valid", 1), ("second", 1), ("first", 1), ("last", 1), ("g", range(G)))}
-        a, bb, b1, b2, c = beat("a"), beat("b"), beat("b1"), beat("b2"), beat("c")
+        a, bb, b1, b2, c, dd = (beat(x) for x in ("a", "b", "b1", "b2", "c", "d"))
         m.d.sync += [a["valid"].eq(issue), a["second"].eq(second), a["first"].eq(t == 0),
                      a["last"].eq(t == pos), a["g"].eq(g)]
-        for dst, src in ((bb, a), (b1, bb), (b2, b1), (c, b2)):
+        for dst, src in ((bb, a), (b1, bb), (b2, b1), (c, b2), (dd, c)):
             m.d.sync += [dst[f].eq(src[f]) for f in dst]
 
         done = Signal()     # the last group's output is written this cycle
@@ -320,7 +319,7 @@ class Attention(wiring.Component):
         # output stages F0..F5 of a head group (valid and group index of each)
         fv = [Signal(name=f"f{i}_valid") for i in range(6)]
         fg = [Signal(range(G), name=f"f{i}_g") for i in range(6)]
-        m.d.sync += [fv[0].eq(c["valid"] & c["second"] & c["last"]), fg[0].eq(c["g"])]
+        m.d.sync += [fv[0].eq(dd["valid"] & dd["second"] & dd["last"]), fg[0].eq(dd["g"])]
         m.d.sync += [fv[i].eq(fv[i - 1]) for i in range(1, 6)]
         m.d.sync += [fg[i].eq(fg[i - 1]) for i in range(1, 6)]
         m.d.comb += done.eq(fv[5] & (fg[5] == G - 1))
@@ -368,22 +367,26 @@ class Attention(wiring.Component):
             b1_v = Signal(head_vec, name=f"b1_v{lane}")
             b2_v = Signal(head_vec, name=f"b2_v{lane}")
             c_v = Signal(head_vec, name=f"c_v{lane}")
-            m.d.sync += [b1_v.eq(b_v), b2_v.eq(b1_v), c_v.eq(b2_v)]
+            d_v = Signal(head_vec, name=f"d_v{lane}")
+            m.d.sync += [b1_v.eq(b_v), b2_v.eq(b1_v), c_v.eq(b2_v), d_v.eq(c_v)]
 
-            # stage C: accumulate Z and acc; the group's last row also hands them to F
-            e = exp_rd.data
+            # stage C: the exp ROM data, registered
+            e = Signal.like(exp_rd.data, name=f"d_e{lane}")
+            m.d.sync += e.eq(exp_rd.data)
+
+            # stage D: accumulate Z and acc; the group's last row also hands them to F
             z = Signal(r["z"], name=f"z{lane}")
             acc = Signal(data.ArrayLayout(r["acc"], hs), name=f"acc{lane}")
             z_next = Signal(r["z"], name=f"z_next{lane}")
             acc_next = Signal(data.ArrayLayout(r["acc"], hs), name=f"acc_next{lane}")
-            m.d.comb += z_next.eq(Mux(c["first"], 0, z) + e)
-            m.d.comb += [acc_next[d].eq(Mux(c["first"], 0, acc[d]) + e * c_v[d])
+            m.d.comb += z_next.eq(Mux(dd["first"], 0, z) + e)
+            m.d.comb += [acc_next[d].eq(Mux(dd["first"], 0, acc[d]) + e * d_v[d])
                          for d in range(hs)]
             f_z = Signal(r["z"], name=f"f_z{lane}")
             f_acc = Signal(data.ArrayLayout(r["acc"], hs), name=f"f_acc{lane}")
-            with m.If(c["valid"] & c["second"]):
+            with m.If(dd["valid"] & dd["second"]):
                 m.d.sync += [z.eq(z_next), acc.eq(acc_next)]
-                with m.If(c["last"]):
+                with m.If(dd["last"]):
                     m.d.sync += [f_z.eq(z_next), f_acc.eq(acc_next)]
 
             # stage F0: bit length n of Z, reciprocal of its leading recip_bits bits
