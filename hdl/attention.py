@@ -3,11 +3,11 @@
 import operator
 
 import numpy as np
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, pos_shape, rshift_round, rshift_round_var, saturate, vector_layout
+from .arith import bits_for, pos_shape, rshift_round, saturate, vector_layout
 from .kvcache import KVCache
 
 __all__ = ["Attention"]
@@ -58,11 +58,13 @@ class Attention(wiring.Component):
     ``head_size`` products and one ``e_t * v_t`` row update per lane per cycle); the
     ``n_heads // head_lanes`` head groups take turns. For each group the cache is swept twice,
     one row per cycle: pass 1 finds the maximum score, pass 2 recomputes the scores, looks up
-    ``e_t`` (a ROM read) and accumulates ``Z`` and ``acc``. The sweeps of successive groups
-    follow back to back; each group's reciprocal and output scaling (four pipelined cycles:
-    leading-one detection and ROM read, the products, the rounding shift, the saturation)
-    overlap the next group's sweep. Score gaps are
-    clamped before the ``exp_mult`` product at the first gap that reaches the last table entry
+    ``e_t`` and accumulates ``Z`` and ``acc``. A row's pass-2 pipeline is registered at every
+    stage: the row read, the score, the clamped gap ``max - s_t``, the exp-table index (the
+    ROM address), the ROM read, its data registered (before the ``e_t * v_t`` products),
+    the accumulators. The sweeps of successive groups follow back to back; each group's
+    reciprocal and output scaling (six pipelined cycles: leading-one detection and ROM read,
+    the registered ROM data, the products, the rounding add, the shift, the saturation)
+    overlap the next group's sweep. Score gaps are clamped before the ``exp_mult`` product at the first gap that reaches the last table entry
     (the index is unchanged, the multiplier operand stays narrow).
 
     An input with ``pos >= n_pos`` (context full) is consumed without output, leaves the cache
@@ -212,12 +214,12 @@ class Attention(wiring.Component):
     def latency(self, pos):
         """Cycles from the input transfer at ``pos`` to the first cycle ``o.valid`` is high
         (``o`` ready: the cycles to the output transfer): the input register and the cache
-        write (2), two sweeps of ``pos + 1`` rows per head group, then seven registers (row
-        read, score, exp ROM read, accumulator, reciprocal ROM read, product, rounded shift)
-        and the output."""
+        write (2), two sweeps of ``pos + 1`` rows per head group, then twelve registers (row
+        read, score, clamped gap, exp-table index, exp ROM read, its data, accumulator,
+        reciprocal ROM read, its data, product, rounding add, shift) and the output."""
         if not 0 <= pos < self._n_pos:
             raise ValueError(f"pos ({pos}) must lie in [0, n_pos = {self._n_pos})")
-        return 2 * self.head_groups * (pos + 1) + 9
+        return 2 * self.head_groups * (pos + 1) + 14
 
     def initiation_interval(self, pos):
         """Cycles from the input transfer at ``pos`` to the next input transfer, with ``i``
@@ -272,14 +274,16 @@ class Attention(wiring.Component):
         issue = Signal()
         m.d.comb += [kv_r.addr.eq(t), kv_r.en.eq(issue)]
 
-        # pipeline stage registers: A (rows arrive), B (scores), C (exp ROM data)
+        # pipeline stage registers: A (rows arrive), B (scores), B1 (clamped gaps), B2 (exp
+        # table indices, the ROM address), C (exp ROM data), D (the data registered)
         def beat(name):
             return {f: Signal(shape, name=f"{name}_{f}") for f, shape in
                     (("valid", 1), ("second", 1), ("first", 1), ("last", 1), ("g", range(G)))}
-        a, bb, c = beat("a"), beat("b"), beat("c")
+        a, bb, b1, b2, c, dd = (beat(x) for x in ("a", "b", "b1", "b2", "c", "d"))
         m.d.sync += [a["valid"].eq(issue), a["second"].eq(second), a["first"].eq(t == 0),
                      a["last"].eq(t == pos), a["g"].eq(g)]
-        m.d.sync += [bb[f].eq(a[f]) for f in bb] + [c[f].eq(bb[f]) for f in c]
+        for dst, src in ((bb, a), (b1, bb), (b2, b1), (c, b2), (dd, c)):
+            m.d.sync += [dst[f].eq(src[f]) for f in dst]
 
         done = Signal()     # the last group's output is written this cycle
         with m.FSM():
@@ -312,14 +316,13 @@ class Attention(wiring.Component):
 
         # -- lanes --------------------------------------------------------------------------
         dcap = min(r["gap_max"], _exp_clamp(self._exp_mult, self._exp_shift, self._exp_len))
-        f_valid, f_g = Signal(), Signal(range(G))
-        f1_valid, f1_g = Signal(), Signal(range(G))
-        f2_valid, f2_g = Signal(), Signal(range(G))
-        f3_valid, f3_g = Signal(), Signal(range(G))
-        m.d.sync += [f_valid.eq(c["valid"] & c["second"] & c["last"]), f_g.eq(c["g"]),
-                     f1_valid.eq(f_valid), f1_g.eq(f_g), f2_valid.eq(f1_valid), f2_g.eq(f1_g),
-                     f3_valid.eq(f2_valid), f3_g.eq(f2_g)]
-        m.d.comb += done.eq(f3_valid & (f3_g == G - 1))
+        # output stages F0..F5 of a head group (valid and group index of each)
+        fv = [Signal(name=f"f{i}_valid") for i in range(6)]
+        fg = [Signal(range(G), name=f"f{i}_g") for i in range(6)]
+        m.d.sync += [fv[0].eq(dd["valid"] & dd["second"] & dd["last"]), fg[0].eq(dd["g"])]
+        m.d.sync += [fv[i].eq(fv[i - 1]) for i in range(1, 6)]
+        m.d.sync += [fg[i].eq(fg[i - 1]) for i in range(1, 6)]
+        m.d.comb += done.eq(fv[5] & (fg[5] == G - 1))
         out = Signal(vector_layout(self._out_bits, self.dim))
         m.d.comb += self.o.payload.eq(out)
         with m.If(self.o.valid & self.o.ready):
@@ -346,34 +349,44 @@ class Attention(wiring.Component):
             b_v = Signal(head_vec, name=f"b_v{lane}")
             m.d.sync += [b_s.eq(score), b_v.eq(v_h)]
 
-            # stage B: pass 1 keeps the maximum; pass 2 forms the exp-table index
+            # stage B: pass 1 keeps the maximum; pass 2 registers the clamped score gap
             top = Signal(r["score"], name=f"max{lane}")
             with m.If(bb["valid"] & ~bb["second"]):
                 m.d.sync += top.eq(Mux(bb["first"] | (b_s > top), b_s, top))
-            gap = Signal(range(dcap + 1), name=f"gap{lane}")
-            m.d.comb += gap.eq(Mux(top - b_s > dcap, dcap, top - b_s))
-            index = rshift_round(gap * self._exp_mult, self._exp_shift)
-            exp_rd = exp_rom.read_port()
-            m.d.comb += [exp_rd.en.eq(1),
-                         exp_rd.addr.eq(Mux(index > self._exp_len - 1, self._exp_len - 1,
-                                            index))]
-            c_v = Signal(head_vec, name=f"c_v{lane}")
-            m.d.sync += c_v.eq(b_v)
+            b1_gap = Signal(range(dcap + 1), name=f"b1_gap{lane}")
+            m.d.sync += b1_gap.eq(Mux(top - b_s > dcap, dcap, top - b_s))
 
-            # stage C: accumulate Z and acc; the group's last row also hands them to F
-            e = exp_rd.data
+            # stage B1: the exp-table index of the gap (registered: the ROM address)
+            index = rshift_round(b1_gap * self._exp_mult, self._exp_shift)
+            b2_index = Signal(range(self._exp_len), name=f"b2_index{lane}")
+            m.d.sync += b2_index.eq(Mux(index > self._exp_len - 1, self._exp_len - 1, index))
+
+            # stage B2: exp ROM read
+            exp_rd = exp_rom.read_port()
+            m.d.comb += [exp_rd.en.eq(1), exp_rd.addr.eq(b2_index)]
+            b1_v = Signal(head_vec, name=f"b1_v{lane}")
+            b2_v = Signal(head_vec, name=f"b2_v{lane}")
+            c_v = Signal(head_vec, name=f"c_v{lane}")
+            d_v = Signal(head_vec, name=f"d_v{lane}")
+            m.d.sync += [b1_v.eq(b_v), b2_v.eq(b1_v), c_v.eq(b2_v), d_v.eq(c_v)]
+
+            # stage C: the exp ROM data, registered
+            e = Signal.like(exp_rd.data, name=f"d_e{lane}")
+            m.d.sync += e.eq(exp_rd.data)
+
+            # stage D: accumulate Z and acc; the group's last row also hands them to F
             z = Signal(r["z"], name=f"z{lane}")
             acc = Signal(data.ArrayLayout(r["acc"], hs), name=f"acc{lane}")
             z_next = Signal(r["z"], name=f"z_next{lane}")
             acc_next = Signal(data.ArrayLayout(r["acc"], hs), name=f"acc_next{lane}")
-            m.d.comb += z_next.eq(Mux(c["first"], 0, z) + e)
-            m.d.comb += [acc_next[d].eq(Mux(c["first"], 0, acc[d]) + e * c_v[d])
+            m.d.comb += z_next.eq(Mux(dd["first"], 0, z) + e)
+            m.d.comb += [acc_next[d].eq(Mux(dd["first"], 0, acc[d]) + e * d_v[d])
                          for d in range(hs)]
             f_z = Signal(r["z"], name=f"f_z{lane}")
             f_acc = Signal(data.ArrayLayout(r["acc"], hs), name=f"f_acc{lane}")
-            with m.If(c["valid"] & c["second"]):
+            with m.If(dd["valid"] & dd["second"]):
                 m.d.sync += [z.eq(z_next), acc.eq(acc_next)]
-                with m.If(c["last"]):
+                with m.If(dd["last"]):
                     m.d.sync += [f_z.eq(z_next), f_acc.eq(acc_next)]
 
             # stage F0: bit length n of Z, reciprocal of its leading recip_bits bits
@@ -389,27 +402,42 @@ class Attention(wiring.Component):
             f1_n = Signal.like(n, name=f"f1_n{lane}")
             m.d.sync += f1_n.eq(n)
 
-            # stage F1: the products acc * recip (registered)
-            prod_shape = (f_acc[0] * recip_rd.data).shape()
-            f2_p = Signal(data.ArrayLayout(prod_shape, hs), name=f"f2_p{lane}")
+            # stage F1: the ROM data and acc registered (f_acc may change before F2)
+            f2_recip = Signal.like(recip_rd.data, name=f"f2_recip{lane}")
+            f2_acc = Signal.like(f_acc, name=f"f2_acc{lane}")
             shift0 = self._recip_frac - rb + self._out_shift
             shift = Signal(range(shift0 + r["z"].width + 1), name=f"out_shift{lane}")
-            q_shape = rshift_round_var(f2_p[0], shift).shape()
             m.d.sync += shift.eq(shift0 + f1_n)
-            with m.If(f1_valid):
-                m.d.sync += [f2_p[d].eq(f_acc[d] * recip_rd.data) for d in range(hs)]
+            with m.If(fv[1]):
+                m.d.sync += [f2_recip.eq(recip_rd.data), f2_acc.eq(f_acc)]
 
-            # stage F2: rounding right shift by recip_frac + n - recip_bits + out_shift
-            f3_q = Signal(data.ArrayLayout(q_shape, hs), name=f"f3_q{lane}")
-            with m.If(f2_valid):
-                m.d.sync += [f3_q[d].eq(rshift_round_var(f2_p[d], shift)) for d in range(hs)]
+            # stage F2: the products acc * recip (registered)
+            prod_shape = (f2_acc[0] * f2_recip).shape()
+            f3_p = Signal(data.ArrayLayout(prod_shape, hs), name=f"f3_p{lane}")
+            f3_shift = Signal.like(shift, name=f"f3_shift{lane}")
+            m.d.sync += f3_shift.eq(shift)
+            with m.If(fv[2]):
+                m.d.sync += [f3_p[d].eq(f2_acc[d] * f2_recip) for d in range(hs)]
 
-            # stage F3: saturate into the head's slot of the output
-            with m.If(f3_valid):
-                with m.Switch(f3_g):
+            # stages F3, F4: rounding right shift by recip_frac + n - recip_bits + out_shift
+            # (rshift_round_var), the rounding add and the shift registered apart
+            half = (Const(1, unsigned(1)) << f3_shift) >> 1
+            f4_r = Signal(data.ArrayLayout((f3_p[0] + half).shape(), hs), name=f"f4_r{lane}")
+            f4_shift = Signal.like(shift, name=f"f4_shift{lane}")
+            m.d.sync += f4_shift.eq(f3_shift)
+            with m.If(fv[3]):
+                m.d.sync += [f4_r[d].eq(f3_p[d] + half) for d in range(hs)]
+            f5_q = Signal(data.ArrayLayout((f4_r[0] >> f4_shift).shape(), hs),
+                          name=f"f5_q{lane}")
+            with m.If(fv[4]):
+                m.d.sync += [f5_q[d].eq(f4_r[d] >> f4_shift) for d in range(hs)]
+
+            # stage F5: saturate into the head's slot of the output
+            with m.If(fv[5]):
+                with m.Switch(fg[5]):
                     for grp in range(G):
                         head = grp * H + lane
                         with m.Case(grp):
-                            m.d.sync += [out[head * hs + d].eq(saturate(f3_q[d], self._out_bits))
+                            m.d.sync += [out[head * hs + d].eq(saturate(f5_q[d], self._out_bits))
                                          for d in range(hs)]
         return m

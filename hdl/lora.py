@@ -15,7 +15,7 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, rshift_round_var, saturate, vector_layout
+from .arith import bits_for, saturate, vector_layout
 from .matvec import MatVecUnit
 
 __all__ = ["lora_write_signature", "section_layout", "LoraUnit", "LoraProjection"]
@@ -83,7 +83,7 @@ class LoraUnit(wiring.Component):
     rejects multipliers ``>= 2**17`` and shifts above 63). Writes take effect one cycle later.
 
     Cycles (``o.ready`` high, ``on``): the first chunk is taken ``first_chunk_latency() =
-    a_cycles + pe + 9`` cycles after ``x`` (``a_cycles = r_max * cols / simd``), then a chunk
+    a_cycles + pe + 14`` cycles after ``x`` (``a_cycles = r_max * cols / simd``), then a chunk
     every ``pe`` cycles; ``i.ready`` rises again as the last chunk is taken. Off: a chunk
     every cycle from the cycle after ``x`` is taken.
 
@@ -188,8 +188,11 @@ class LoraUnit(wiring.Component):
 
     def first_chunk_latency(self):
         """Cycles from the input transfer to the first chunk's transfer (adapter on, ``o.ready``
-        high): ``a_cycles + pe + 9``."""
-        return self.a_cycles + self._pe + 9
+        high): ``a_cycles + pe + 14``: the A pipeline (row read, products, their sum, the
+        accumulator, the requantizer's product, rounding add, shift and saturation), then the
+        B pipeline (row read, products, their sum, the ``mult_b`` product, the rounding add
+        and shift) and the FIFO."""
+        return self.a_cycles + self._pe + 14
 
     def chunk_times(self):
         """Transfer cycle of every chunk after the input transfer (adapter on, ``o.ready``
@@ -269,8 +272,10 @@ class LoraUnit(wiring.Component):
         with m.If(take):
             m.d.sync += [active.eq(1), on_l.eq(self.on), bank_l.eq(self.bank),
                          x.eq(self.i.payload.as_value()), busy_a.eq(self.on)]
-        sh_u = Mux(bank_l, shift_u[1], shift_u[0])
-        sh_b = Mux(bank_l, shift_b[1], shift_b[0])
+        # the active bank's shifts, registered (bank_l is steady while a vector is in flight)
+        sh_u, sh_b = Signal(SHIFT_BITS), Signal(SHIFT_BITS)
+        m.d.sync += [sh_u.eq(Mux(bank_l, shift_u[1], shift_u[0])),
+                     sh_b.eq(Mux(bank_l, shift_b[1], shift_b[0]))]
 
         # ---- A pass: u = A_q @ x, requantized row by row into u_q
         sa = Signal(range(NA))
@@ -306,29 +311,40 @@ class LoraUnit(wiring.Component):
         rd_mu = mu_mem.read_port(domain="sync")
         m.d.comb += rd_mu.addr.eq(Mux(bank_l, r, 0) + s2[3])
         uacc = Signal(signed(bits_for(-umax, umax)))
-        u_new = Mux(s3[1], tsum, uacc + tsum)
         with m.If(s3[0]):
-            m.d.sync += uacc.eq(u_new)
-        a4_valid = Signal()
-        a4_j = Signal(range(r))
+            m.d.sync += uacc.eq(Mux(s3[1], tsum, uacc + tsum))
+        # the requantizer u_q[j] = sat(rshift_round(u[j] * mult_u[j], shift_u), 8), one
+        # register per step: u[j] (uacc) and mult_u[j], the product, the rounding add, the
+        # shift, then the saturation into u_q[j]
+        s4 = (Signal(name="a4_valid"), Signal(range(r), name="a4_j"))
+        m.d.sync += [s4[0].eq(s3[0] & s3[2]), s4[1].eq(s3[3])]
+        mu4 = Signal(MULT_BITS)
+        m.d.sync += mu4.eq(rd_mu.data[:MULT_BITS])
+        s5 = flags("a5", s4)
         uprod = Signal(signed(uacc.shape().width + MULT_BITS + 1))
-        m.d.sync += [a4_valid.eq(s3[0] & s3[2]), a4_j.eq(s3[3]),
-                     uprod.eq(u_new * rd_mu.data[:MULT_BITS])]
+        m.d.sync += uprod.eq(uacc * mu4)
+        s6 = flags("a6", s5)
+        half_u = (Const(1, unsigned(1)) << sh_u) >> 1
+        urnd = Signal((uprod + half_u).shape())
+        m.d.sync += urnd.eq(uprod + half_u)
+        s7 = flags("a7", s6)
+        ushift = Signal.like(urnd)
+        m.d.sync += ushift.eq(urnd >> sh_u)
         uq = [Signal(signed(U_BITS), name=f"uq{j}") for j in range(r)]
-        uq_val = saturate(rshift_round_var(uprod, sh_u), U_BITS)
-        with m.If(a4_valid):
-            with m.Switch(a4_j):
+        uq_val = saturate(ushift, U_BITS)
+        with m.If(s7[0]):
+            with m.Switch(s7[1]):
                 for j in range(r):
                     with m.Case(j):
                         m.d.sync += uq[j].eq(uq_val)
 
         # ---- B pass: one row of v = B_q @ u_q a cycle, delta into pe-row chunks
         busy_b = Signal()
-        with m.If(a4_valid & (a4_j == r - 1)):
+        with m.If(s7[0] & (s7[1] == r - 1)):
             m.d.sync += busy_b.eq(1)
         rb = Signal(range(R))
         pb = Signal(range(P))
-        fifo_depth = 6 // P + 2
+        fifo_depth = 8 // P + 2
         credits = Signal(range(fifo_depth + 1), init=fifo_depth)
         issue_b = busy_b & ((pb != 0) | (credits != 0))
         pop = self.o.valid & self.o.ready & on_l
@@ -360,13 +376,22 @@ class LoraUnit(wiring.Component):
         m.d.sync += [b4_valid.eq(b3_valid), b4_end.eq(b3_end)]
         dprod = Signal(signed(vsum.shape().width + MULT_BITS + 1))
         m.d.sync += dprod.eq(vsum * mb3)
-        d = rshift_round_var(dprod, sh_b)[:db]
+        # delta = rshift_round(v * mult_b, shift_b): the rounding add, then the shift
+        b5_valid, b5_end = Signal(), Signal()
+        m.d.sync += [b5_valid.eq(b4_valid), b5_end.eq(b4_end)]
+        half_b = (Const(1, unsigned(1)) << sh_b) >> 1
+        drnd = Signal((dprod + half_b).shape())
+        m.d.sync += drnd.eq(dprod + half_b)
+        b6_valid, b6_end = Signal(), Signal()
+        m.d.sync += [b6_valid.eq(b5_valid), b6_end.eq(b5_end)]
+        d = Signal(db)
+        m.d.sync += d.eq((drnd >> sh_b)[:db])
         chunk = Signal(P * db)
         new_chunk = Cat(chunk[db:], d) if P > 1 else d
         m.submodules.fifo = fifo = SyncFIFO(width=P * db, depth=fifo_depth)
-        with m.If(b4_valid):
+        with m.If(b6_valid):
             m.d.sync += chunk.eq(new_chunk)
-        m.d.comb += [fifo.w_data.eq(new_chunk), fifo.w_en.eq(b4_valid & b4_end)]
+        m.d.comb += [fifo.w_data.eq(new_chunk), fifo.w_en.eq(b6_valid & b6_end)]
 
         # ---- output: the FIFO (adapter on) or zero chunks at once (off)
         m.d.comb += [
