@@ -28,7 +28,7 @@ def measure(exe, script):
     p = subprocess.run([exe], input=script, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+    cpu = max(1e-6, (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime))
     lines = [line.split() for line in p.stdout.splitlines()]
     outs = [w for w in lines if w and w[0] == "O"]
     total = int(next(w for w in lines if w and w[0] == "P")[5])
