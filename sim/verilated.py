@@ -13,9 +13,9 @@ bench (``tests/test_chip.py``). What makes a large chip simulate and build fast:
   :func:`public_ports` marks the ports alone (with ``--no-public-flat-rw``, see
   :data:`COCOTB_BUILD_ARGS`).
 * The per-cycle C++ of :func:`build_executable` is compiled at ``-O3`` (:data:`OPT_FAST`):
-  stories260K simulates 20-40% more cycles per CPU second than at ``-O1`` (``-O2``: +18%,
-  ``-march=native`` nothing measurable), the tiny chips 13%, for about twice the C++ build
-  time (a one-time, cached cost). Verilator's default ``-Os`` takes four times longer than
+  stories260K simulates 43% more cycles per CPU second than at ``-O1`` (``-O2``: +17%,
+  ``-march=native`` nothing measurable), a tiny chip 16%, for about twice the C++ build time
+  (a one-time, cached cost). Verilator's default ``-Os`` takes four times longer than
   ``-O1`` for little simulation speed, ``-O0`` simulates ten times slower; the run-once
   initialisation code stays at ``-O0``. The cocotb chip benches (a few tokens each) keep
   ``-O1`` (:data:`MAKEFLAGS`).
