@@ -14,8 +14,8 @@ bench (``tests/test_chip.py``). What makes a large chip simulate and build fast:
   :data:`COCOTB_BUILD_ARGS`).
 * The per-cycle C++ of :func:`build_executable` is compiled at ``-O3`` (:data:`OPT_FAST`):
   stories260K simulates 43% more cycles per CPU second than at ``-O1`` (``-O2``: +17%,
-  ``-march=native`` nothing measurable), a tiny chip 16%, for about twice the C++ build time
-  (a one-time, cached cost). Verilator's default ``-Os`` takes four times longer than
+  ``-march=native`` nothing measurable), a tiny chip 16%, for about three times the C++
+  compile time (stories260K on a quiet machine: 170 s instead of 51 s; one-time, cached). Verilator's default ``-Os`` takes four times longer than
   ``-O1`` for little simulation speed, ``-O0`` simulates ten times slower; the run-once
   initialisation code stays at ``-O0``. The cocotb chip benches (a few tokens each) keep
   ``-O1`` (:data:`MAKEFLAGS`).
