@@ -425,8 +425,10 @@ class MatVecUnit(wiring.Component):
             src = stage("fetch", src)
             if cb is not None:
                 corr = self._delay(m, "fetch", corr)
-            xs = [Signal(signed(ib), name=f"x_fetch{s}") for s in range(S)]
-            m.d.sync += [xs[s].eq(chunk[s]) for s in range(S)]
+            m.d.comb += rd.en.eq(issue)
+            xs = [Signal(signed(ib), name=f"x_fetch{s}", reset_less=True) for s in range(S)]
+            with m.If(issue):
+                m.d.sync += [xs[s].eq(chunk[s]) for s in range(S)]
             wl = [[rd.data[(p * S + s) * wb:(p * S + s + 1) * wb].as_signed() for s in range(S)]
                   for p in range(P)]
         elif steps == 1:
@@ -450,25 +452,31 @@ class MatVecUnit(wiring.Component):
                         m.d.sync += [wl[p][s].eq(int(block[p, s]))
                                      for p in range(P) for s in range(S)]
 
-        # ---- multiply
+        # ---- multiply (the data registers of each stage load only when the stage before
+        # holds a valid step: bit for bit the same results, and an idle unit does no work in
+        # a cycle-based simulator)
+        mul_en = src[0]
         src = stage("mul", src)
         if cb is not None:
             corr = self._delay(m, "mul", corr)
-        prod = [[Signal(signed(prod_w), name=f"prod{p}_{s}") for s in range(S)]
+        prod = [[Signal(signed(prod_w), name=f"prod{p}_{s}", reset_less=True) for s in range(S)]
                 for p in range(P)]
-        for p in range(P):
-            for s in range(S):
-                w_ps = wl[p][s]
-                if isinstance(w_ps, int):
-                    if w_ps:
-                        m.d.sync += prod[p][s].eq(_const_mul(xs[s], w_ps))
-                else:
-                    m.d.sync += prod[p][s].eq(xs[s] * w_ps)
+        with m.If(mul_en):
+            for p in range(P):
+                for s in range(S):
+                    w_ps = wl[p][s]
+                    if isinstance(w_ps, int):
+                        if w_ps:
+                            m.d.sync += prod[p][s].eq(_const_mul(xs[s], w_ps))
+                    else:
+                        m.d.sync += prod[p][s].eq(xs[s] * w_ps)
 
         # ---- lane adder tree
+        tree_en = src[0]
         src = stage("tree", src)
-        lane = [Signal(signed(sum_w), name=f"lane{p}") for p in range(P)]
-        m.d.sync += [lane[p].eq(_tree_sum(prod[p])) for p in range(P)]
+        lane = [Signal(signed(sum_w), name=f"lane{p}", reset_less=True) for p in range(P)]
+        with m.If(tree_en):
+            m.d.sync += [lane[p].eq(_tree_sum(prod[p])) for p in range(P)]
         t_valid, t_first, t_last, t_group = src
         if cb is not None:
             corr = self._delay(m, "tree", corr)
@@ -491,7 +499,7 @@ class MatVecUnit(wiring.Component):
             m.submodules.mult_rom = mult_rom = Memory(
                 shape=unsigned(P * mult_bits), depth=G, init=words)
             mrd = mult_rom.read_port(domain="sync")
-            m.d.comb += mrd.addr.eq(t_group)
+            m.d.comb += [mrd.addr.eq(t_group), mrd.en.eq(t_valid & t_last)]
             mults = [mrd.data[p * mult_bits:(p + 1) * mult_bits] for p in range(P)]
         else:
             mults = [Signal(unsigned(mult_bits), name=f"mult{p}") for p in range(P)]
@@ -504,8 +512,9 @@ class MatVecUnit(wiring.Component):
         # ---- requantizer multiply; rounding shift and saturation feed the output
         q_valid = Signal()
         m.d.sync += q_valid.eq(a_valid)
-        req = [Signal(signed(req_w + 1), name=f"req{p}") for p in range(P)]
-        m.d.sync += [req[p].eq(acc[p] * mults[p]) for p in range(P)]
+        req = [Signal(signed(req_w + 1), name=f"req{p}", reset_less=True) for p in range(P)]
+        with m.If(a_valid):
+            m.d.sync += [req[p].eq(acc[p] * mults[p]) for p in range(P)]
         res = Cat(*(saturate(rshift_round(req[p], self._shift), ob) for p in range(P)))
 
         # ---- output register with a FIFO behind it; credits guarantee room

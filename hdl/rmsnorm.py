@@ -3,11 +3,11 @@
 import operator
 
 import numpy as np
-from amaranth.hdl import Cat, Module, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Signal, signed, unsigned
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, rshift_round_var, saturate, vector_layout
+from .arith import bits_for, saturate, vector_layout
 
 __all__ = ["RMSNorm"]
 
@@ -188,7 +188,12 @@ class RMSNorm(wiring.Component):
                 m.d.comb += s_comb.eq(s)
         s_even = Signal.like(s_comb)
         base = self._rsqrt_frac + self._gain_shift
-        out_shift = Signal(range(base + max(shifts) // 2 + 1))
+        max_shift = base + max(shifts) // 2
+        out_shift = Signal(range(max_shift + 1))
+        # the rounding constant (1 << out_shift) >> 1, registered with out_shift at its own
+        # width: rshift_round_var would add a 64-bit constant to the products, which a
+        # cycle-based simulator then evaluates as multi-word arithmetic every cycle
+        out_half = Signal(unsigned(max(1, max_shift)))
         m.d.comb += rsqrt_rd.addr.eq((acc >> s_even)[:self._rsqrt_bits])
 
         # pass 2: x * gain (stage 1), * r (stage 2), round + saturate into o (stage 3)
@@ -206,7 +211,7 @@ class RMSNorm(wiring.Component):
         with m.If(v2):
             m.d.sync += [p2[k].eq(p1[k] * rsqrt_rd.data) for k in range(lanes)]
         with m.If(v3):
-            y = Cat(saturate(rshift_round_var(p2[k], out_shift), self._out_bits)
+            y = Cat(saturate((p2[k] + out_half) >> out_shift, self._out_bits)
                     for k in range(lanes))
             o_bits = self.o.payload.as_value()
             m.d.sync += o_bits.eq(Cat(o_bits[lanes * self._out_bits:], y))
@@ -233,7 +238,9 @@ class RMSNorm(wiring.Component):
                 m.next = "INDEX"
             with m.State("INDEX"):
                 m.d.comb += rsqrt_rd.en.eq(1)
-                m.d.sync += out_shift.eq(base + (s_even >> 1))
+                shift = base + (s_even >> 1)
+                m.d.sync += [out_shift.eq(shift),
+                             out_half.eq(((Const(1, 1) << shift) >> 1)[:len(out_half)])]
                 m.next = "SCALE"
             with m.State("SCALE"):
                 m.d.comb += issue.eq(1)

@@ -179,7 +179,7 @@ class RoPE(wiring.Component):
             self.i.ready.eq(~busy & (~self.o.valid | self.o.ready)),
             self.o.payload.eq(out),
             rd.addr.eq(word),
-            rd.en.eq(1),
+            rd.en.eq(busy & (chunk < self.chunks)),    # read only for a chunk (rot next cycle)
         ]
         with m.If(self.o.valid & self.o.ready):
             m.d.sync += self.o.valid.eq(0)

@@ -133,7 +133,7 @@ def _makeflags(value):
 
 
 def run(chip, verilog, script, *, perturb=None, expect_failure=False, timeout_s=600):
-    # the per-cycle C++ at -O1 (sim/verilated.py); run_cocotb hashes MAKEFLAGS into its key
+    # the per-cycle C++ at MAKEFLAGS's -O1 (sim/verilated.py); run_cocotb hashes it into its key
     with _makeflags(MAKEFLAGS):
         return run_cocotb(component_or_verilog=verilog, toplevel=chip_name(script.qm),
                           test_module="chip_bench", test_dir=TESTS / "benches",
