@@ -8,12 +8,14 @@ until the context is full (``done``). Run this file to write its Verilog::
 """
 
 import argparse
+import sys
 
 from amaranth.back import verilog
 from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from hardwire.compiler.chip_builder import build_chip
+from hardwire.compiler.errors import HardwireError
 from hardwire.compiler.loaders import load_model
 from hardwire.compiler.plan import plan_chip
 from hardwire.compiler.quantize import quantize_model
@@ -68,9 +70,14 @@ def main():
     ap.add_argument("model")
     ap.add_argument("-o", "--output", default="story_top.v")
     args = ap.parse_args()
-    _, top = story_top(args.model)
+    try:
+        _, top = story_top(args.model)
+    except HardwireError as e:                 # a bad model file: one line, exit 2
+        print(f"embed_chip: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    text = verilog.convert(top, name="story_top")
     with open(args.output, "w") as f:
-        f.write(verilog.convert(top, name="story_top"))
+        f.write(text)
     print(f"wrote {args.output}")
 
 

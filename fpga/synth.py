@@ -458,12 +458,13 @@ def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, b
 
     t0 = time.monotonic()
     out = Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
     platform, device = _platform(board)
+    # a refused fold or board leaves no OUT behind; a design that does not fit leaves fit.json
     b, fit = _fit(qm, fold, platform=platform, device=device, clock_mhz=clock_mhz, baud=baud,
                   build_dir=out / "amaranth", progress=progress, dsp_budget=dsp_budget,
                   soft_lut_budget=soft_lut_budget, lora=lora, fit_json=out / "fit.json",
                   limits=limits)
+    out.mkdir(parents=True, exist_ok=True)
     design, top, name = b.design, b.top, b.design.name
     il = out / f"{name}.il"
     lpf = out / f"{name}.lpf"

@@ -102,3 +102,10 @@ def test_lora_pack_and_run_with_adapter(models_dir, tmp_path, capsys):
     code, _, err = run_cli("lora", "pack", tmp_path / "missing", "--model", model, "-o",
                            tmp_path / "b.bin")
     assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "b.bin").exists()
+
+
+def test_synth_refused_fold_leaves_no_output(tmp_path, tiny_bin):
+    out = tmp_path / "out"
+    code, _, err = run_cli("synth", tiny_bin, "-o", out, "--fold", "bogus=1", "--json")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "unknown key 'bogus'" in err
+    assert not out.exists()

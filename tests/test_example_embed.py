@@ -5,6 +5,8 @@ top whose feedback is broken (it always feeds BOS) must disagree."""
 
 import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,13 @@ def test_readme_snippet_generates_the_golden_story(tiny):
     got, done = _generate(ns["StoryTop"]())
     want = generate_golden(ns["qm"], [1], TINY["seq_len"], stop_on_bos=False)
     assert done and got == want
+
+
+def test_example_script_rejects_a_bad_model(tmp_path):
+    out = tmp_path / "top.v"
+    p = subprocess.run([sys.executable, str(REPO / "examples" / "embed_chip.py"),
+                        str(tmp_path / "nope.bin"), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == f"embed_chip: error: {tmp_path / 'nope.bin'}: no such file"
+    assert not out.exists()
