@@ -49,8 +49,6 @@ __all__ = ["BOARDS", "booth_commands", "check_memories", "check_roms", "cycles_s
 
 #: Supported boards: name -> (amaranth-boards platform class name, nextpnr device flag).
 BOARDS = {"ulx3s-85f": ("ULX3S_85F_Platform", "85k")}
-#: Bits per DP16KD (18 Kbit).
-DP16KD_BITS = 18 * 1024
 _WEIGHT_ROM = re.compile(r"(^|\.)weight_rom$")
 _EMBED_ROM = re.compile(r"(^|\.)embedding\.rom$")
 
@@ -202,7 +200,7 @@ def check_roms(memories, *, expected_roms, rom_bits, dp16kd_used, logic_roms=())
             problems.append(f"weight ROM {name} was mapped to {how}, not DP16KD block RAM")
     if len(roms) < expected_roms:
         problems.append(f"Yosys mapped {len(roms)} weight ROMs, the plan has {expected_roms}")
-    need = math.ceil(rom_bits / DP16KD_BITS)
+    need = math.ceil(rom_bits / fitmod.DP16KD_BITS)
     if dp16kd_used < need:
         problems.append(f"{dp16kd_used} DP16KD hold fewer than the {rom_bits:,} ROM bits "
                         f"(at least {need} blocks)")
