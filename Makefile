@@ -12,6 +12,9 @@ STAMP  := $(VENV)/.installed
 # Where the real models live. CI points this at ../shared/models.
 MODELS ?= models
 export HARDWIRE_MODELS := $(abspath $(MODELS))
+# Two pytest workers (CI has 2 cores); a test file stays on one worker so its fixtures are
+# built once. PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 MODEL_BASE := https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K
@@ -48,7 +51,7 @@ define fetch
 endef
 
 test: $(STAMP) models
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	@$(MAKE) --no-print-directory models || echo "(model download failed: the demo falls back to a random tiny model)"
