@@ -1,9 +1,8 @@
 """cocotb bench of ``LoraUnit`` (delta chunks) and ``LoraProjection`` (requantized rows).
 
 Both have the ports ``i``, ``o`` (``rows/pe`` chunks per vector), ``wr`` (SRAM byte writes),
-``bank`` and ``on``. Vectors (``$HARDWIRE_VECTORS``): ``x`` (N, cols) inputs (optional ``k`` (N,): their
-exponents, for ``exp_max > 0``); ``img1``,
-``img0`` two adapter sections (bytes at body offsets ``base`` ..); ``expect1``, ``expect0``
+``bank`` and ``on``. Vectors (``$HARDWIRE_VECTORS``): ``x`` (N, cols) inputs (optional
+``k`` (N,): their exponents, for ``exp_max > 0``); ``img1``, ``img0`` two adapter sections (bytes at body offsets ``base`` ..); ``expect1``, ``expect0``
 (N, rows) the golden outputs with each adapter, ``expect_off`` without; ``out_bits``, ``pe``;
 ``valid_prob``/``ready_prob``; ``cycles_on``, ``cycles_off`` (the formulas: last chunk after
 the input transfer) and ``first_chunk`` (the first chunk, ``LoraUnit`` only, else -1).
