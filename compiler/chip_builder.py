@@ -118,14 +118,16 @@ def build_chip(qm, plan=None, *, lora=None):
     def matvec(m, key, in_bits, layer=None):
         f, r = plan.matrices[key], m.requant
         adapt = layer is not None and (layer, m.name) in offsets
+        # w2 takes the SwiGLU output's per-vector exponent
+        ek = {"exp_max": nc.hid_exp_max} if layer is not None and m.name == "w2" else {}
         unit = MatVecUnit(weights=m.q, weight_bits=m.bits, in_bits=in_bits, mult=r.mult,
                           shift=r.shift, out_bits=r.out_bits, pe=f.pe, simd=f.simd,
-                          form=f.form, **({"correction_bits": 32} if adapt else {}))
+                          form=f.form, **({"correction_bits": 32} if adapt else {}), **ek)
         if not adapt:
             return unit
         side = LoraUnit(rows=f.rows, cols=f.cols, r_max=lora.r_max, pe=f.pe,
                         simd=lora.unit_simd(f.cols), base=offsets[layer, m.name],
-                        addr_bits=loader.addr_bits, in_bits=in_bits)
+                        addr_bits=loader.addr_bits, in_bits=in_bits, **ek)
         return LoraProjection(base=unit, lora=side)
 
     def rope(n):
@@ -148,7 +150,8 @@ def build_chip(qm, plan=None, *, lora=None):
         swiglu = SwiGLU(n=c.hidden_dim, in_bits=L.w1.requant.out_bits,
                         up_bits=L.w3.requant.out_bits, silu_table=L.silu_table,
                         silu_offset=L.silu_offset, mult=L.hid_mult, shift=L.hid_shift,
-                        out_bits=nc.act_bits, lanes=plan.swiglu_lanes)
+                        out_bits=nc.act_bits, lanes=plan.swiglu_lanes,
+                        exp_max=nc.hid_exp_max)
         layers.append(DecoderLayer(attn_norm=norm(L.attn_norm), rope_q=rope(c.dim),
                                    rope_k=rope(c.kv_dim), attention=attention,
                                    ffn_norm=norm(L.ffn_norm), swiglu=swiglu, **mv))

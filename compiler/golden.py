@@ -7,7 +7,8 @@ the whole-chip testbench compares the chip's debug taps against those names.
 Trace names (``i`` is the layer): ``embed``, ``L{i}.attn_norm``, ``L{i}.q``, ``L{i}.k``,
 ``L{i}.v``, ``L{i}.q_rope``, ``L{i}.k_rope``, ``L{i}.att`` (heads concatenated),
 ``L{i}.wo``, ``L{i}.attn_res``, ``L{i}.ffn_norm``, ``L{i}.h1``, ``L{i}.h3``, ``L{i}.hidden``,
-``L{i}.w2``, ``L{i}.out``, ``final_norm``, ``logits``, ``next_token``.
+``L{i}.w2``, ``L{i}.out``, ``final_norm``, ``logits``, ``next_token``; ``L{i}.hidden_k`` is
+the SwiGLU output's exponent ``k`` (``numerics.swiglu_exp``; always 0 with ``hid_exp_max=0``).
 """
 
 import numpy as np
@@ -47,11 +48,13 @@ class GoldenModel:
         return nx.requantize(e.q[token], e.requant.mult[token], e.requant.shift,
                              e.requant.out_bits)
 
-    def _matmul(self, layer, m, a, trace):
+    def _matmul(self, layer, m, a, trace, *, k=0, exp_max=0):
         """One layer matrix (:class:`~.quantize.QMatrix` ``m``) applied to input ``a``; the
-        hook a LoRA-extended golden model overrides."""
+        hook a LoRA-extended golden model overrides. ``a`` in units of ``S_in * 2**(k -
+        exp_max)`` (W2: the SwiGLU exponent) makes the requantizer shift ``shift + exp_max -
+        k``."""
         r = m.requant
-        return nx.requantize(nx.matvec(m.q, a), r.mult, r.shift, r.out_bits)
+        return nx.requantize(nx.matvec(m.q, a), r.mult, r.shift + exp_max - k, r.out_bits)
 
     def step(self, token, pos=None, *, trace=None):
         """Feed one token at ``pos`` (default: the running position); return int logits."""
@@ -94,12 +97,15 @@ class GoldenModel:
             xn = nx.rmsnorm(x, gain=L.ffn_norm.gain, gain_shift=L.ffn_norm.gain_shift,
                             eps=L.ffn_norm.eps, tables=tb, out_bits=nc.act_bits)
             h1, h3 = mm(L.w1, xn), mm(L.w3, xn)
-            hid = nx.swiglu(h1, h3, silu_table=L.silu_table, silu_offset=L.silu_offset,
-                            mult=L.hid_mult, shift=L.hid_shift, out_bits=nc.act_bits)
-            w2 = mm(L.w2, hid)
+            e = nc.hid_exp_max
+            hid, hk = nx.swiglu_exp(h1, h3, silu_table=L.silu_table,
+                                    silu_offset=L.silu_offset, mult=L.hid_mult,
+                                    shift=L.hid_shift, exp_max=e, out_bits=nc.act_bits)
+            w2 = self._matmul(i, L.w2, hid, t, k=hk, exp_max=e)
             x = nx.residual_add(x, w2, nc.resid_bits)
             t.update({f"L{i}.ffn_norm": xn, f"L{i}.h1": h1, f"L{i}.h3": h3,
-                      f"L{i}.hidden": hid, f"L{i}.w2": w2, f"L{i}.out": x})
+                      f"L{i}.hidden": hid, f"L{i}.hidden_k": hk, f"L{i}.w2": w2,
+                      f"L{i}.out": x})
         fn = qm.final_norm
         xn = nx.rmsnorm(x, gain=fn.gain, gain_shift=fn.gain_shift, eps=fn.eps, tables=tb,
                         out_bits=nc.act_bits)

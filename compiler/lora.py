@@ -32,7 +32,7 @@ __all__ = [
     "LORA_TARGETS", "HF_TARGETS", "MAX_RANK", "ACC_BITS", "LoraFormatError", "LoraAdapter",
     "load_peft_adapter", "apply_lora_float", "QLoraMatrix", "QuantizedLora", "quantize_lora",
     "lora_project", "lora_delta", "lora_accumulate", "LoraGoldenModel", "generate_golden_lora",
-    "base_digest8", "input_scale", "lora_input_ranges",
+    "base_digest8", "input_scale", "lora_input_ranges", "SHIFT_MAX",
 ]
 
 # Matrices a LoRA may target, in image order (bit i of the image's target mask).
@@ -339,25 +339,45 @@ def lora_project(x, a_q, mult_u, shift_u, *, bits=U_BITS):
     return nx.requantize(nx.matvec(a_q, x), mult_u, shift_u, bits)
 
 
-def lora_delta(x, a_q, mult_u, shift_u, b_q, mult_b, shift_b, *, bits=U_BITS, trace=None):
+#: Largest effective rounding shift of the LoRA requantizers (the chip's shift registers are 6
+#: bits; an exponent-adjusted shift above it is clamped: the result is 0 or -1 either way for
+#: products below 2**62).
+SHIFT_MAX = 63
+
+
+def lora_delta(x, a_q, mult_u, shift_u, b_q, mult_b, shift_b, *, bits=U_BITS, trace=None, k=0,
+               exp_max=0):
     """The LoRA correction of one target matrix, in the base accumulator's units.
 
-    ``u_q = lora_project(x, ...)``; ``v = B_q @ u_q`` (exact);
-    ``delta[row] = rshift_round(v[row] * mult_b[row], shift_b)``. ``mult_b`` converts a unit of
-    ``v`` (``S_b[row]``) into a unit of the base accumulator (``S_in * S_w[row]``).
+    ``u_q = requantize(A_q @ x, mult_u, min(shift_u + exp_max - k, 63), bits)``;
+    ``v = B_q @ u_q`` (exact); ``delta[row] = rshift_round(v[row] * mult_b[row],
+    min(shift_b + k, 63))``. ``mult_b`` converts a unit of ``v`` (``S_b[row]``) into a unit of
+    the base accumulator (``S_in * S_w[row]``).
+
+    ``k``/``exp_max``: the input's per-vector exponent (W2 behind a SwiGLU with
+    ``hid_exp_max = E``: ``x`` is in units of ``S_hid * 2**(k - E)``). ``mult_u``/``shift_u``
+    are calibrated for the input unit ``S_hid`` (``k = E``) and ``mult_b``/``shift_b`` for the
+    accumulator unit at ``k = 0`` (``S_hid * 2**-E * S_w``), so ``u_q`` has one scale whatever
+    ``k`` is and ``delta`` lands in the accumulator's units of this vector. ``k = exp_max = 0``
+    is the plain correction.
     """
-    u = lora_project(x, a_q, mult_u, shift_u, bits=bits)
+    if not 0 <= k <= exp_max:
+        raise ValueError(f"k ({k}) must lie in 0..exp_max ({exp_max})")
+    u = nx.requantize(nx.matvec(a_q, x), mult_u, min(int(shift_u) + exp_max - k, SHIFT_MAX),
+                      bits)
     v = nx.matvec(b_q, u)
-    d = nx.rshift_round(v * np.asarray(mult_b, dtype=np.int64), shift_b)
+    d = nx.rshift_round(v * np.asarray(mult_b, dtype=np.int64), min(int(shift_b) + k, SHIFT_MAX))
     if trace is not None:
         trace.update(u=u, v=v, delta=d)
     return d
 
 
-def lora_accumulate(acc_w, x, a_q, mult_u, shift_u, b_q, mult_b, shift_b, *, bits=U_BITS):
+def lora_accumulate(acc_w, x, a_q, mult_u, shift_u, b_q, mult_b, shift_b, *, bits=U_BITS, k=0,
+                    exp_max=0):
     """``acc_total = acc_w + lora_delta(x, ...)``: what the base requantizer then consumes."""
     return (np.asarray(acc_w, dtype=np.int64)
-            + lora_delta(x, a_q, mult_u, shift_u, b_q, mult_b, shift_b, bits=bits))
+            + lora_delta(x, a_q, mult_u, shift_u, b_q, mult_b, shift_b, bits=bits, k=k,
+                         exp_max=exp_max))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,9 +408,9 @@ class QLoraMatrix:
     def r_max(self):
         return self.a_q.shape[0]
 
-    def delta(self, x, trace=None):
+    def delta(self, x, trace=None, *, k=0, exp_max=0):
         return lora_delta(x, self.a_q, self.mult_u, self.shift_u, self.b_q, self.mult_b,
-                          self.shift_b, trace=trace)
+                          self.shift_b, trace=trace, k=k, exp_max=exp_max)
 
     def acc_bound(self):
         """Largest ``|delta|`` any int8 input can produce (for accumulator sizing)."""
@@ -547,7 +567,10 @@ def quantize_lora(adapter, model, qm, *, targets=None, r_max=None, calib_tokens=
                 bq, s_b = quantize_rows(adapter.scale * B * np.where(live, s_u, 0.0)[None, :],
                                         LORA_WBITS)
                 brow = np.abs(bq).max(axis=1) > 0
-                mb, shift_b = _mult_shift(np.where(brow, s_b / (s_in * s_w), 0.0), what)
+                # W2's input has a per-vector exponent: delta is calibrated for the
+                # accumulator unit at k = 0 (lora_delta adds k to shift_b)
+                s_acc = s_in * s_w * (2.0 ** -qm.numerics.hid_exp_max if name == "w2" else 1.0)
+                mb, shift_b = _mult_shift(np.where(brow, s_b / s_acc, 0.0), what)
                 a_q[:adapter.rank] = np.where(live[:, None], aq, 0)
                 mult_u[:adapter.rank] = mu
                 b_q[:, :adapter.rank] = bq
@@ -592,19 +615,20 @@ class LoraGoldenModel(GoldenModel):
         self.qlora = qlora
         self._trace = None
 
-    def _matmul(self, layer, m, a, trace=None):
-        """Requantized ``m @ a`` plus the LoRA correction of ``layers.{layer}.{m.name}``."""
+    def _matmul(self, layer, m, a, trace=None, *, k=0, exp_max=0):
+        """Requantized ``m @ a`` plus the LoRA correction of ``layers.{layer}.{m.name}``
+        (``k``, ``exp_max``: the input's exponent, see :func:`lora_delta`)."""
         acc = nx.matvec(m.q, a)
         lm = self.qlora.get(layer, m.name)
         if lm is not None:
             t = {}
-            acc = acc + lm.delta(a, trace=t)
+            acc = acc + lm.delta(a, trace=t, k=k, exp_max=exp_max)
             trace = self._trace if trace is None else trace
             if trace is not None:
                 trace[f"L{layer}.{m.name}.lora_u"] = t["u"]
                 trace[f"L{layer}.{m.name}.lora_delta"] = t["delta"]
         r = m.requant
-        return nx.requantize(acc, r.mult, r.shift, r.out_bits)
+        return nx.requantize(acc, r.mult, r.shift + exp_max - k, r.out_bits)
 
     def step(self, token, pos=None, *, trace=None):
         self._trace = trace

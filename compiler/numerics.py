@@ -23,7 +23,8 @@ __all__ = [
     "TableConfig", "Tables", "make_tables",
     "rshift_round", "sat", "bit_length",
     "requantize", "matvec", "rmsnorm", "rsqrt_lookup", "rope", "softmax_weights",
-    "attention_head", "swiglu", "residual_add", "argmax",
+    "attention_head", "swiglu", "swiglu_wide", "vector_exponent", "swiglu_exp",
+    "residual_add", "argmax",
 ]
 
 
@@ -214,9 +215,45 @@ def attention_head(q, keys, values, *, exp_mult, exp_shift, tables, out_bits=8, 
 
 def swiglu(h1, h3, *, silu_table, silu_offset, mult, shift, out_bits=8):
     """``sat(rshift_round(silu_table[h1 + silu_offset] * h3 * mult, shift), out_bits)``."""
+    return sat(swiglu_wide(h1, h3, silu_table=silu_table, silu_offset=silu_offset, mult=mult,
+                           shift=shift), out_bits)
+
+
+def swiglu_wide(h1, h3, *, silu_table, silu_offset, mult, shift):
+    """``rshift_round(silu_table[h1 + silu_offset] * h3 * mult, shift)``, not saturated."""
     h1 = np.asarray(h1, dtype=np.int64)
     s = np.asarray(silu_table, dtype=np.int64)[h1 + silu_offset]
-    return sat(rshift_round(s * np.asarray(h3, dtype=np.int64) * np.int64(mult), shift), out_bits)
+    return rshift_round(s * np.asarray(h3, dtype=np.int64) * np.int64(mult), shift)
+
+
+def vector_exponent(wide, *, exp_max, out_bits=8):
+    """The smallest ``k`` in ``0..exp_max`` with ``max|rshift_round(wide, k)| <= 2**(out_bits-1)
+    - 1`` over the whole vector; ``exp_max`` when there is none (the output saturates)."""
+    wide = np.asarray(wide, dtype=np.int64)
+    top = (1 << (out_bits - 1)) - 1
+    lo, hi = int(wide.min()), int(wide.max())
+    for k in range(exp_max + 1):
+        if int(rshift_round(hi, k)) <= top and int(rshift_round(lo, k)) >= -top:
+            return k
+    return exp_max
+
+
+def swiglu_exp(h1, h3, *, silu_table, silu_offset, mult, shift, exp_max, out_bits=8):
+    """SwiGLU with a per-vector power-of-two exponent (the W2 input): returns ``(hid, k)``.
+
+    ``wide = rshift_round(silu_table[h1 + silu_offset] * h3 * mult, shift - exp_max)`` (``E =
+    exp_max`` extra fraction bits); ``k = vector_exponent(wide, exp_max=E)``;
+    ``hid = sat(rshift_round(wide, k), out_bits)``. ``hid`` is in units of
+    ``S_hid * 2**(k - E)`` (``S_hid`` = the unit of ``mult / 2**shift``), so the W2
+    requantizer's shift becomes ``shift_w2 + E - k``. ``exp_max = 0`` is :func:`swiglu` with
+    ``k = 0``.
+    """
+    if not 0 <= exp_max <= shift:
+        raise ValueError(f"exp_max ({exp_max}) must lie in 0..shift ({shift})")
+    wide = swiglu_wide(h1, h3, silu_table=silu_table, silu_offset=silu_offset, mult=mult,
+                       shift=shift - exp_max)
+    k = vector_exponent(wide, exp_max=exp_max, out_bits=out_bits)
+    return sat(rshift_round(wide, k), out_bits), k
 
 
 def residual_add(x, y, bits):

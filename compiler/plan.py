@@ -367,7 +367,9 @@ def predict_cycles(qm, plan, pos):
             f"L{i}.attn_res": 1,
             f"L{i}.ffn_norm": norm,
             f"L{i}.w1w3": max(f["w1"].cycles(), f["w3"].cycles()),
-            f"L{i}.swiglu": c.hidden_dim // plan.swiglu_lanes + 4,
+            # + 2 with a per-vector exponent (the max/min stage and the exponent register)
+            f"L{i}.swiglu": (c.hidden_dim // plan.swiglu_lanes + 4
+                             + (2 if qm.numerics.hid_exp_max else 0)),
             f"L{i}.w2": f["w2"].cycles(),
             f"L{i}.ffn_res": 1,
         })

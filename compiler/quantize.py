@@ -101,6 +101,14 @@ class NumericsConfig:
     logit_bits: int = 32
     resid_headroom: float = 2.0   # residual range = headroom x calibrated max
     tables: TableConfig = TableConfig()
+    # E: extra fraction bits of the SwiGLU output (the W2 input); each vector gets a
+    # power-of-two exponent k in 0..E (numerics.swiglu_exp); 0 = a fixed int8 scale
+    hid_exp_max: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.hid_exp_max, int) or not 0 <= self.hid_exp_max <= 7:
+            raise UnsupportedConfigError(f"hid_exp_max must be an integer in 0..7, not "
+                                         f"{self.hid_exp_max!r}")
 
 
 @dataclass
@@ -219,6 +227,9 @@ class QuantizedModel:
 
         for t in self.tables.as_dict().values():
             add(t)
+        if self.numerics.hid_exp_max:
+            # E changes the SwiGLU and W2 arithmetic, not any table or constant
+            add([self.numerics.hid_exp_max])
         add([self.resid_frac, self.final_norm.gain_shift, self.final_norm.eps])
         for m in (self.embed, self.classifier):
             add(m.q), add(m.requant.mult), add([m.requant.shift, m.bits])
@@ -499,6 +510,11 @@ def quantize_model(model, *, wbits=8, numerics=None, calib_tokens=None, calibrat
         s_silu = float(np.abs(silu).max()) / ((1 << (nc.silu_out_bits - 1)) - 1)
         silu_table = np.round(silu / s_silu).astype(np.int64)
         hr = Requant.from_ratio(s_silu * s_h3 / s_hid, ab, what=f"layers.{i} SwiGLU scale")
+        if hr.shift < nc.hid_exp_max:
+            # the SwiGLU's wide output is rounded at shift - E (numerics.swiglu_exp)
+            raise UnsupportedConfigError(f"layers.{i} SwiGLU scale: requantizer shift "
+                                         f"{hr.shift} leaves no room for hid_exp_max="
+                                         f"{nc.hid_exp_max}")
         layers.append(QLayer(attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2,
                              int(er.mult[0]), er.shift, silu_table, off,
                              int(hr.mult[0]), hr.shift,

@@ -65,7 +65,8 @@ class DecoderLayer(wiring.Component):
     attention : Attention
         Attention over the layer's own KV cache; ``n_pos`` is the context length.
     swiglu : SwiGLU
-        Gate (from ``w1``) times up (from ``w3``).
+        Gate (from ``w1``) times up (from ``w3``); its ``exp_max`` must be ``w2``'s (the
+        exponent ``k`` reaches ``w2`` in the payload, which connects directly).
 
     Members
     -------
@@ -127,6 +128,10 @@ class DecoderLayer(wiring.Component):
         same("swiglu.in_bits", swiglu.in_bits, w1.out_bits, "w1.out_bits")
         same("swiglu.up_bits", swiglu.up_bits, w3.out_bits, "w3.out_bits")
         same("w2.in_bits", w2.in_bits, swiglu.out_bits, "swiglu.out_bits")
+        # the SwiGLU output's exponent k travels in its payload to w2's requantizer
+        same("w2.exp_max", w2.exp_max, swiglu.exp_max, "swiglu.exp_max")
+        for n in MATRICES[:-1]:
+            same(f"{n}.exp_max", blocks[n].exp_max, 0, "only w2 takes an exponent")
         same("w2.out_bits", w2.out_bits, rbits, "the residual width")
 
         self._blocks = blocks

@@ -16,7 +16,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .arith import bits_for, saturate, vector_layout
-from .matvec import MatVecUnit
+from .matvec import MatVecUnit, exp_vector_layout
 
 __all__ = ["lora_write_signature", "section_layout", "LoraUnit", "LoraProjection"]
 
@@ -103,11 +103,13 @@ class LoraUnit(wiring.Component):
         Width of ``wr.addr``; the section must fit below ``2**addr_bits``.
     in_bits : int
         Input element width (8 for the chip).
+    exp_max : int
+        ``E``: the input's largest exponent (0: none), 0 to 7.
 
     Members
     -------
-    i : ``In(stream.Signature(vector_layout(in_bits, cols)))``
-        Input vectors.
+    i : ``In(stream.Signature(exp_vector_layout(in_bits, cols, exp_max)))``
+        Input vectors (with ``exp_max > 0``: fields ``vec`` and ``k``).
     o : ``Out(stream.Signature(vector_layout(32, pe)))``
         Correction chunks, ``rows/pe`` per input vector.
     wr : ``In(lora_write_signature(addr_bits))``
@@ -118,9 +120,12 @@ class LoraUnit(wiring.Component):
         Adapter enabled; 0 gives ``delta = 0``.
     """
 
-    def __init__(self, *, rows, cols, r_max, pe, simd, base=0, addr_bits=24, in_bits=8):
-        rows, cols, r_max, pe, simd, base, addr_bits, in_bits = map(
-            operator.index, (rows, cols, r_max, pe, simd, base, addr_bits, in_bits))
+    def __init__(self, *, rows, cols, r_max, pe, simd, base=0, addr_bits=24, in_bits=8,
+                 exp_max=0):
+        rows, cols, r_max, pe, simd, base, addr_bits, in_bits, exp_max = map(
+            operator.index, (rows, cols, r_max, pe, simd, base, addr_bits, in_bits, exp_max))
+        if not 0 <= exp_max <= 7:
+            raise ValueError(f"exp_max must lie in 0..7, not {exp_max}")
         if rows < 1 or cols < 1:
             raise ValueError(f"rows and cols must be positive, not {rows} x {cols}")
         _pow2("r_max", r_max, 1, 256)
@@ -137,9 +142,9 @@ class LoraUnit(wiring.Component):
                              f"addr_bits={addr_bits}")
         self._rows, self._cols, self._r_max, self._pe, self._simd = rows, cols, r_max, pe, simd
         self._base, self._addr_bits, self._in_bits = base, addr_bits, in_bits
-        self._layout = layout
+        self._layout, self._exp_max = layout, exp_max
         super().__init__({
-            "i": In(stream.Signature(vector_layout(in_bits, cols))),
+            "i": In(stream.Signature(exp_vector_layout(in_bits, cols, exp_max))),
             "o": Out(stream.Signature(vector_layout(DELTA_BITS, pe))),
             "wr": In(lora_write_signature(addr_bits)),
             "bank": In(1),
@@ -154,6 +159,7 @@ class LoraUnit(wiring.Component):
     base = property(lambda self: self._base)
     addr_bits = property(lambda self: self._addr_bits)
     in_bits = property(lambda self: self._in_bits)
+    exp_max = property(lambda self: self._exp_max)
     delta_bits = property(lambda self: DELTA_BITS)
 
     @property
@@ -269,13 +275,26 @@ class LoraUnit(wiring.Component):
         take = self.i.valid & self.i.ready
         busy_a = Signal()
         x = Signal(C * ib)
+        E = self._exp_max
         with m.If(take):
             m.d.sync += [active.eq(1), on_l.eq(self.on), bank_l.eq(self.bank),
-                         x.eq(self.i.payload.as_value()), busy_a.eq(self.on)]
+                         x.eq(self.i.payload.vec.as_value() if E else
+                              self.i.payload.as_value()),
+                         busy_a.eq(self.on)]
         # the active bank's shifts, registered (bank_l is steady while a vector is in flight)
         sh_u, sh_b = Signal(SHIFT_BITS), Signal(SHIFT_BITS)
-        m.d.sync += [sh_u.eq(Mux(bank_l, shift_u[1], shift_u[0])),
-                     sh_b.eq(Mux(bank_l, shift_b[1], shift_b[0]))]
+        if E:
+            # exponent-adjusted shifts, clamped to 63 (compiler.lora.lora_delta)
+            k_l = Signal(range(E + 1))
+            with m.If(take):
+                m.d.sync += k_l.eq(self.i.payload.k)
+            top = (1 << SHIFT_BITS) - 1
+            su = Mux(bank_l, shift_u[1], shift_u[0]) + (E - k_l)
+            sb = Mux(bank_l, shift_b[1], shift_b[0]) + k_l
+            m.d.sync += [sh_u.eq(Mux(su > top, top, su)), sh_b.eq(Mux(sb > top, top, sb))]
+        else:
+            m.d.sync += [sh_u.eq(Mux(bank_l, shift_u[1], shift_u[0])),
+                         sh_b.eq(Mux(bank_l, shift_b[1], shift_b[0]))]
 
         # ---- A pass: u = A_q @ x, requantized row by row into u_q
         sa = Signal(range(NA))
@@ -420,7 +439,8 @@ class LoraProjection(wiring.Component):
 
     Members
     -------
-    i, o : as the base unit's.
+    i, o : as the base unit's (``i`` carries the exponent ``k`` to both units when
+        ``exp_max > 0``).
     wr, bank, on : as the LoRA unit's.
     """
 
@@ -429,13 +449,14 @@ class LoraProjection(wiring.Component):
             raise ValueError(f"base must be a MatVecUnit with correction_bits={DELTA_BITS}")
         if not isinstance(lora, LoraUnit):
             raise ValueError(f"lora must be a LoraUnit, not {type(lora).__name__}")
-        for f in ("rows", "cols", "pe", "in_bits"):
+        for f in ("rows", "cols", "pe", "in_bits", "exp_max"):
             if getattr(base, f) != getattr(lora, f):
                 raise ValueError(f"lora.{f} is {getattr(lora, f)}, the base unit's "
                                  f"{getattr(base, f)}")
         self._base, self._lora = base, lora
         super().__init__({
-            "i": In(stream.Signature(vector_layout(base.in_bits, base.cols))),
+            "i": In(stream.Signature(exp_vector_layout(base.in_bits, base.cols,
+                                                       base.exp_max))),
             "o": Out(stream.Signature(vector_layout(base.out_bits, base.pe))),
             "wr": In(lora_write_signature(lora.addr_bits)),
             "bank": In(1),
@@ -447,7 +468,7 @@ class LoraProjection(wiring.Component):
 
     def __getattr__(self, name):
         if name in ("rows", "cols", "pe", "simd", "in_bits", "out_bits", "row_groups",
-                    "weights", "form", "steps"):
+                    "weights", "form", "steps", "exp_max"):
             return getattr(self._base, name)
         raise AttributeError(name)
 

@@ -9,14 +9,14 @@ import operator
 
 import numpy as np
 from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import stream, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .arith import bits_for, rshift_round, saturate, vector_layout
 
-__all__ = ["MatVecUnit"]
+__all__ = ["MatVecUnit", "exp_vector_layout"]
 
 #: Requantizer multipliers are unsigned and below this bound (one 18x18 multiplier operand).
 MULT_LIMIT = 1 << 17
@@ -31,6 +31,17 @@ def _int_array(name, value, ndim):
     if a.size and not np.issubdtype(a.dtype, np.integer):
         raise ValueError(f"{name} must hold integers, not {a.dtype}")
     return a.astype(np.int64)
+
+
+def exp_vector_layout(bits, length, exp_max):
+    """Payload of a whole vector with a power-of-two exponent ``k`` in ``0..exp_max`` (the
+    SwiGLU output / W2 input, ``numerics.swiglu_exp``): a struct of ``vec``
+    (``vector_layout(bits, length)``, the low bits) and ``k`` (unsigned) above it; with
+    ``exp_max = 0`` just ``vector_layout(bits, length)``."""
+    if exp_max == 0:
+        return vector_layout(bits, length)
+    return data.StructLayout({"vec": vector_layout(bits, length),
+                              "k": unsigned(exp_max.bit_length())})
 
 
 def _tree_sum(values):
@@ -109,6 +120,12 @@ class MatVecUnit(wiring.Component):
     The accumulator is ``acc_width`` bits: the smallest signed width that holds the worst case
     ``cols * max|w| * 2**(in_bits-1)`` (``acc_bits`` is the limit it must fit).
 
+    With ``exp_max = E > 0`` (W2 behind a SwiGLU with a per-vector exponent) the input payload
+    carries ``k`` in ``0..E`` beside the vector (:func:`exp_vector_layout`); ``k`` travels with
+    the vector's steps and the requantizer shift is ``shift + E - k`` (an ``E+1``-way choice
+    before the output register, no extra cycle). ``E = 0`` builds exactly the unit without
+    the option.
+
     Parameters
     ----------
     weights : numpy integer array, shape (rows, cols)
@@ -131,21 +148,26 @@ class MatVecUnit(wiring.Component):
         Accumulator width limit: the worst case must fit in it.
     form : ``"rom"`` or ``"const"``
         Where the weights live (see above).
+    exp_max : int
+        ``E``: the input's largest exponent (0: none), 0 to 7.
 
     Members
     -------
-    i : ``In(stream.Signature(vector_layout(in_bits, cols)))``
-        Whole input vectors.
+    i : ``In(stream.Signature(exp_vector_layout(in_bits, cols, exp_max)))``
+        Whole input vectors (with ``exp_max > 0``: fields ``vec`` and ``k``).
     o : ``Out(stream.Signature(vector_layout(out_bits, pe)))``
         Output chunks, ``rows/pe`` per input vector, row group 0 first.
     """
 
     def __init__(self, *, weights, weight_bits, in_bits=8, mult, shift, out_bits, pe, simd,
-                 acc_bits=32, form="rom", correction_bits=None):
+                 acc_bits=32, form="rom", correction_bits=None, exp_max=0):
         if form not in FORMS:
             raise ValueError(f"form must be 'rom' or 'const', not {form!r}")
         weight_bits, in_bits, out_bits = map(operator.index, (weight_bits, in_bits, out_bits))
         pe, simd, acc_bits, shift = map(operator.index, (pe, simd, acc_bits, shift))
+        exp_max = operator.index(exp_max)
+        if not 0 <= exp_max <= 7:
+            raise ValueError(f"exp_max must lie in 0..7, not {exp_max}")
         w = _int_array("weights", weights, 2)
         rows, cols = w.shape
         if rows < 1 or cols < 1:
@@ -189,8 +211,9 @@ class MatVecUnit(wiring.Component):
         self._weight_bits, self._in_bits, self._out_bits = weight_bits, in_bits, out_bits
         self._pe, self._simd, self._acc_bits, self._shift = pe, simd, acc_bits, shift
         self._acc_width, self._form = acc_width, form
+        self._exp_max = exp_max
         ports = {
-            "i": In(stream.Signature(vector_layout(in_bits, cols))),
+            "i": In(stream.Signature(exp_vector_layout(in_bits, cols, exp_max))),
             "o": Out(stream.Signature(vector_layout(out_bits, pe))),
         }
         if correction_bits is not None:
@@ -256,6 +279,11 @@ class MatVecUnit(wiring.Component):
     @property
     def form(self):
         return self._form
+
+    @property
+    def exp_max(self):
+        """``E``: the input exponent's largest value (0: no exponent)."""
+        return self._exp_max
 
     @property
     def correction_bits(self):
@@ -400,8 +428,25 @@ class MatVecUnit(wiring.Component):
                     m.d.sync += g.eq(0)
             with m.If(step == steps - 1):
                 m.d.sync += [step.eq(0), busy.eq(0)]
+        E = self._exp_max
         with m.If(self.i.valid & self.i.ready):
-            m.d.sync += [busy.eq(1), x.eq(self.i.payload.as_value())]
+            m.d.sync += busy.eq(1)
+            if E:
+                m.d.sync += x.eq(self.i.payload.vec.as_value())
+            else:
+                m.d.sync += x.eq(self.i.payload.as_value())
+        if E:
+            # the vector's exponent, delayed alongside its steps' flags (the next vector may
+            # be taken while this one's last row group is still in the pipeline)
+            k_in = Signal(range(E + 1))
+            with m.If(self.i.valid & self.i.ready):
+                m.d.sync += k_in.eq(self.i.payload.k)
+            k_pipe = [k_in]
+
+            def k_delay(name):
+                r = Signal(range(E + 1), name=f"k_{name}")
+                m.d.sync += r.eq(k_pipe[-1])
+                k_pipe.append(r)
         pop = self.o.valid & self.o.ready
         m.d.sync += count.eq(count + (issue & last_k) - pop)
         chunk = [x[s * ib:(s + 1) * ib].as_signed() for s in range(S)]
@@ -417,6 +462,8 @@ class MatVecUnit(wiring.Component):
 
         # ---- fetch (rom) / LUT (const): weights of this step for every lane
         src = (issue, k == 0, last_k, g)
+        if rom and E:
+            k_delay("fetch")
         if rom:
             m.submodules.weight_rom = weight_rom = Memory(
                 shape=unsigned(P * S * wb), depth=steps, init=self._rom_words())
@@ -457,6 +504,8 @@ class MatVecUnit(wiring.Component):
         # a cycle-based simulator)
         mul_en = src[0]
         src = stage("mul", src)
+        if E:
+            k_delay("mul")
         if cb is not None:
             corr = self._delay(m, "mul", corr)
         prod = [[Signal(signed(prod_w), name=f"prod{p}_{s}", reset_less=True) for s in range(S)]
@@ -474,6 +523,8 @@ class MatVecUnit(wiring.Component):
         # ---- lane adder tree
         tree_en = src[0]
         src = stage("tree", src)
+        if E:
+            k_delay("tree")
         lane = [Signal(signed(sum_w), name=f"lane{p}", reset_less=True) for p in range(P)]
         with m.If(tree_en):
             m.d.sync += [lane[p].eq(_tree_sum(prod[p])) for p in range(P)]
@@ -491,6 +542,8 @@ class MatVecUnit(wiring.Component):
                     m.d.sync += acc[p].eq(acc[p] + lane[p])
         a_valid = Signal()
         m.d.sync += a_valid.eq(t_valid & t_last)
+        if E:
+            k_delay("acc")
         if G == 1:
             mults = [int(v) for v in self._mult]
         elif rom:
@@ -515,7 +568,19 @@ class MatVecUnit(wiring.Component):
         req = [Signal(signed(req_w + 1), name=f"req{p}", reset_less=True) for p in range(P)]
         with m.If(a_valid):
             m.d.sync += [req[p].eq(acc[p] * mults[p]) for p in range(P)]
-        res = Cat(*(saturate(rshift_round(req[p], self._shift), ob) for p in range(P)))
+        if E:
+            k_delay("req")
+            k_q = k_pipe[-1]
+
+            def requant(v):
+                out = saturate(rshift_round(v, self._shift), ob)       # k = E
+                for kk in range(E - 1, -1, -1):
+                    out = Mux(k_q == kk, saturate(rshift_round(v, self._shift + E - kk), ob),
+                              out)
+                return out
+            res = Cat(*(requant(req[p]) for p in range(P)))
+        else:
+            res = Cat(*(saturate(rshift_round(req[p], self._shift), ob) for p in range(P)))
 
         # ---- output register with a FIFO behind it; credits guarantee room
         free = ~self.o.valid | self.o.ready

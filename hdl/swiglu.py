@@ -3,11 +3,12 @@
 import operator
 
 import numpy as np
-from amaranth.hdl import Cat, Module, Signal, signed
+from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .arith import bits_for, rshift_round, saturate, signed_range, vector_layout
+from .matvec import exp_vector_layout
 
 __all__ = ["SwiGLU"]
 
@@ -26,6 +27,15 @@ class SwiGLU(wiring.Component):
     bit flipped. Pipeline: table read, ``silu * up``, ``* mult``, round + saturate into the
     output register. One vector pair is in flight at a time; the next pair is taken in the
     cycle the result is.
+
+    With ``exp_max = E > 0`` (``numerics.swiglu_exp``) the rounding stage keeps ``E`` more
+    fraction bits, ``wide = sat(rshift_round(silu * up * mult, shift - E), out_bits + E)``
+    (saturating at ``out_bits + E`` bits changes neither ``k`` nor the output), into a wide
+    vector register; a stage behind it keeps the running max and min of ``wide`` over the
+    vector, a further cycle turns them into the exponent ``k`` (the smallest in ``0..E`` with
+    every ``|rshift_round(wide, k)| <= 2**(out_bits-1) - 1``, else ``E``), and the output is
+    ``sat(rshift_round(wide, k), out_bits)`` per element (an ``E+1``-way choice) with ``k``
+    beside it in the payload (:func:`~.matvec.exp_vector_layout`): two cycles more.
 
     Parameters
     ----------
@@ -47,6 +57,9 @@ class SwiGLU(wiring.Component):
         Width of the output elements.
     lanes : int
         Elements processed per cycle; must divide ``n``.
+    exp_max : int
+        ``E``, the largest per-vector exponent (0: no exponent, a plain vector out);
+        ``0 <= E <= shift``.
 
     Members
     -------
@@ -54,13 +67,14 @@ class SwiGLU(wiring.Component):
         Gate projection (``w1 x``).
     up : ``In(stream.Signature(vector_layout(up_bits, n)))``
         Up projection (``w3 x``); transfers together with ``gate``.
-    o : ``Out(stream.Signature(vector_layout(out_bits, n)))``
-        Hidden activation.
+    o : ``Out(stream.Signature(exp_vector_layout(out_bits, n, exp_max)))``
+        Hidden activation (with ``exp_max > 0``: fields ``vec`` and its exponent ``k``).
     """
 
     def __init__(self, *, n, in_bits, up_bits, silu_table, silu_offset, mult, shift,
-                 out_bits=8, lanes=1):
+                 out_bits=8, lanes=1, exp_max=0):
         n, in_bits, up_bits = map(operator.index, (n, in_bits, up_bits))
+        exp_max = operator.index(exp_max)
         silu_offset, mult, shift = map(operator.index, (silu_offset, mult, shift))
         out_bits, lanes = operator.index(out_bits), operator.index(lanes)
         if n < 1:
@@ -93,6 +107,9 @@ class SwiGLU(wiring.Component):
                              f"operand [{o_lo}, {o_hi}]")
         if shift < 0:
             raise ValueError(f"shift must be non-negative, not {shift}")
+        if not 0 <= exp_max <= min(shift, 7):
+            raise ValueError(f"exp_max must lie in 0..min(shift, 7) = 0..{min(shift, 7)}, "
+                             f"not {exp_max}")
         prod_max = int(np.abs(window).max()) * (1 << (up_bits - 1)) * abs(mult) + (1 << shift >> 1)
         if prod_max.bit_length() > _GOLDEN_BITS:
             raise ValueError(f"silu * up * mult needs {prod_max.bit_length() + 1} bits, more "
@@ -102,10 +119,11 @@ class SwiGLU(wiring.Component):
         self._silu_table, self._silu_offset = table.astype(np.int64), silu_offset
         self._window = window
         self._mult, self._shift, self._lanes = mult, shift, lanes
+        self._exp_max = exp_max
         super().__init__({
             "gate": In(stream.Signature(vector_layout(in_bits, n))),
             "up": In(stream.Signature(vector_layout(up_bits, n))),
-            "o": Out(stream.Signature(vector_layout(out_bits, n))),
+            "o": Out(stream.Signature(exp_vector_layout(out_bits, n, exp_max))),
         })
 
     n = property(lambda self: self._n)
@@ -117,12 +135,14 @@ class SwiGLU(wiring.Component):
     mult = property(lambda self: self._mult)
     shift = property(lambda self: self._shift)
     lanes = property(lambda self: self._lanes)
+    exp_max = property(lambda self: self._exp_max)
 
     def latency(self):
         """Cycles from the input transfer to the first cycle ``o.valid`` is high:
         ``n / lanes + 4`` (one chunk per cycle, then table read, two multiply stages and the
-        rounding stage)."""
-        return self._n // self._lanes + 4
+        rounding stage), ``+ 2`` with ``exp_max > 0`` (the running max/min stage and the
+        exponent register)."""
+        return self._n // self._lanes + 4 + (2 if self._exp_max else 0)
 
     def initiation_interval(self):
         """Cycles between input transfers with the inputs always valid and ``o`` always ready
@@ -163,17 +183,63 @@ class SwiGLU(wiring.Component):
             m.d.sync += [p1[k].eq(ports[k].data * uk[k]) for k in range(lanes)]
         with m.If(v2):
             m.d.sync += [p2[k].eq(p1[k] * self._mult) for k in range(lanes)]
-        with m.If(v3):
-            y = Cat(saturate(rshift_round(p2[k], self._shift), self._out_bits)
-                    for k in range(lanes))
-            o_bits = self.o.payload.as_value()
-            m.d.sync += o_bits.eq(Cat(o_bits[lanes * self._out_bits:], y))
+        E, ob = self._exp_max, self._out_bits
+        if E == 0:
+            with m.If(v3):
+                y = Cat(saturate(rshift_round(p2[k], self._shift), ob) for k in range(lanes))
+                o_bits = self.o.payload.as_value()
+                m.d.sync += o_bits.eq(Cat(o_bits[lanes * ob:], y))
+        else:
+            # wide values (E more fraction bits) shift into a register, element 0 ending low
+            wb = ob + E
+            wide = Signal(n * wb)
+            with m.If(v3):
+                y = Cat(saturate(rshift_round(p2[k], self._shift - E), wb)
+                        for k in range(lanes))
+                m.d.sync += wide.eq(Cat(wide[lanes * wb:], y))
+            # running max and min over the vector, one stage behind (the chunk just written
+            # is the top of the register)
+            v4 = Signal()
+            m.d.sync += v4.eq(v3)
+            w_lo, w_hi = signed_range(wb)
+            hi, lo = Signal(signed(wb), init=w_lo), Signal(signed(wb), init=w_hi)
+            fresh = [wide[(n - lanes + k) * wb:(n - lanes + k + 1) * wb].as_signed()
+                     for k in range(lanes)]
+
+            def tree(vals, pick):
+                vals = list(vals)
+                while len(vals) > 1:
+                    vals = [pick(vals[i], vals[i + 1]) if i + 1 < len(vals) else vals[i]
+                            for i in range(0, len(vals), 2)]
+                return vals[0]
+
+            with m.If(v4):
+                m.d.sync += [hi.eq(tree([hi, *fresh], lambda a, b: Mux(a > b, a, b))),
+                             lo.eq(tree([lo, *fresh], lambda a, b: Mux(a < b, a, b)))]
+            # the exponent: the smallest k whose rounded extremes fit +-(2**(ob-1) - 1)
+            top = (1 << (ob - 1)) - 1
+            k_next = E
+            for kk in reversed(range(E)):
+                fits = (rshift_round(hi, kk) <= top) & (rshift_round(lo, kk) >= -top)
+                k_next = Mux(fits, kk, k_next)
+            k_reg = Signal(range(E + 1))
+            elems = []
+            for j in range(n):
+                wj = wide[j * wb:(j + 1) * wb].as_signed()
+                out = saturate(rshift_round(wj, E), ob)
+                for kk in reversed(range(E)):
+                    out = Mux(k_reg == kk, saturate(rshift_round(wj, kk), ob), out)
+                elems.append(out)
+            m.d.comb += [self.o.payload.vec.as_value().eq(Cat(*elems)),
+                         self.o.payload.k.eq(k_reg)]
 
         both = self.gate.valid & self.up.valid
         take = Signal()
         m.d.comb += [self.gate.ready.eq(take), self.up.ready.eq(take)]
         with m.If(take):
             m.d.sync += [g.eq(self.gate.payload), u.eq(self.up.payload), cnt.eq(0)]
+            if E:
+                m.d.sync += [hi.eq(w_lo), lo.eq(w_hi)]
 
         with m.FSM():
             with m.State("IDLE"):
@@ -185,8 +251,16 @@ class SwiGLU(wiring.Component):
                 m.d.sync += cnt.eq(cnt + 1)
                 with m.If(cnt == chunks - 1):
                     m.next = "DRAIN"
-            with m.State("DRAIN"):
-                with m.If(v3 & ~v2):        # the last chunk is being written
+            if E == 0:
+                with m.State("DRAIN"):
+                    with m.If(v3 & ~v2):        # the last chunk is being written
+                        m.next = "OUT"
+            else:
+                with m.State("DRAIN"):
+                    with m.If(v4 & ~v3):        # the last chunk enters the max and min
+                        m.next = "EXP"
+                with m.State("EXP"):
+                    m.d.sync += k_reg.eq(k_next)
                     m.next = "OUT"
             with m.State("OUT"):
                 m.d.comb += [self.o.valid.eq(1), take.eq(both & self.o.ready)]

@@ -185,3 +185,32 @@ def test_clip_search_lifts_w3_quality_on_stories260K():
     clip = _teacher_forced_agreement(quantize_model(m, wbits=3), m, seq)
     plain = _teacher_forced_agreement(quantize_model(m, wbits=3, method="gptq"), m, seq)
     assert plain < 0.55 <= clip
+
+
+def test_exponent_zero_is_the_fixed_scale_datapath():
+    """``hid_exp_max = 0`` gives today's arithmetic (plain SwiGLU, W2 shift unchanged), and
+    E = 2 changes the logits (the option is live)."""
+    from hardwire.compiler import numerics as nx
+    from hardwire.compiler.quantize import NumericsConfig, quantize_model
+    m = stories_model()
+    q0 = quantize_model(m, numerics=NumericsConfig(hid_exp_max=0))
+    q2 = quantize_model(m, numerics=NumericsConfig(hid_exp_max=2))
+    assert q0.digest() != q2.digest()
+    g0, g2 = GoldenModel(q0), GoldenModel(q2)
+    toks = [1, 403, 407, 261, 378]
+    diff = False
+    for pos, tok in enumerate(toks):
+        t = {}
+        l0 = g0.step(tok, pos, trace=t)
+        l2 = g2.step(tok, pos)
+        diff |= not np.array_equal(l0, l2)
+        for i, L in enumerate(q0.layers):
+            assert t[f"L{i}.hidden_k"] == 0
+            hid = nx.swiglu(t[f"L{i}.h1"], t[f"L{i}.h3"], silu_table=L.silu_table,
+                            silu_offset=L.silu_offset, mult=L.hid_mult, shift=L.hid_shift,
+                            out_bits=8)
+            assert np.array_equal(t[f"L{i}.hidden"], hid)
+            r = L.w2.requant
+            assert np.array_equal(t[f"L{i}.w2"], nx.requantize(L.w2.q @ hid, r.mult, r.shift,
+                                                               r.out_bits))
+    assert diff

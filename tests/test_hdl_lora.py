@@ -140,6 +140,43 @@ def test_random_projection(rows, cols, r_max, pe, simd, mv_simd, form):
     run(dut, projection_vectors(dut, x, *imgs, e1, e0, eoff))
 
 
+def exp_case(seed, rows, cols, r_max, pe, simd, mv_simd, form):
+    """W2-like: inputs with exponents k = 0, 1, 2, 0, ... (``exp_max = 2``); the LoRA shifts
+    become ``shift_u + 2 - k`` and ``shift_b + k``, the base shift ``shift + 2 - k``."""
+    mv0, _, x, imgs, _, (w, mult, shift), ads = random_case(seed, rows, cols, r_max, pe, simd,
+                                                            mv_simd, form, n=6)
+    k = np.arange(len(x)) % 3
+    mv = MatVecUnit(weights=w, weight_bits=8, mult=mult, shift=shift, out_bits=8, pe=pe,
+                    simd=mv_simd, form=form, correction_bits=32, exp_max=2)
+    lu = LoraUnit(rows=rows, cols=cols, r_max=r_max, pe=pe, simd=simd, base=7, addr_bits=12,
+                  exp_max=2)
+    d1, d0 = (np.array([lora_delta(v, *ad, k=kk, exp_max=2) for v, kk in zip(x, k)])
+              for ad in ads)
+    # the exponent matters: deltas without it differ
+    assert not np.array_equal(d1, np.array([lora_delta(v, *ads[0]) for v in x]))
+    del mv0
+    return mv, lu, x, k, imgs, (d1, d0), (w, mult, shift)
+
+
+@pytest.mark.parametrize("rows, cols, r_max, pe, simd, mv_simd, form", RANDOM[:2])
+def test_random_exponent(rows, cols, r_max, pe, simd, mv_simd, form):
+    mv, lu, x, k, imgs, (d1, d0), (w, mult, shift) = exp_case(rows + cols + 5, rows, cols,
+                                                              r_max, pe, simd, mv_simd, form)
+    run(lu, dict(unit_vectors(lu, x, *imgs, d1, d0), k=k))
+    dut = LoraProjection(base=mv, lora=lu)
+    e1, e0 = (np.array([nx.requantize(nx.matvec(w, v) + d[j], mult, shift + 2 - kk, 8)
+                        for j, (v, kk) in enumerate(zip(x, k))]) for d in (d1, d0))
+    eoff = np.array([nx.requantize(nx.matvec(w, v), mult, shift + 2 - kk, 8)
+                     for v, kk in zip(x, k)])
+    run(dut, dict(projection_vectors(dut, x, *imgs, e1, e0, eoff), k=k))
+
+
+def test_exponent_negative_control():
+    """The unit fed k = 0 everywhere must fail against the deltas of the true exponents."""
+    _, lu, x, k, imgs, (d1, d0), _ = exp_case(30, 8, 16, 4, 2, 4, 4, "rom")
+    run(lu, dict(unit_vectors(lu, x, *imgs, d1, d0), k=np.zeros_like(k)), expect_failure=True)
+
+
 # -------------------------------------------------------------------------- stories260K
 
 @functools.cache

@@ -39,11 +39,13 @@ def expected(w, x, mult, shift, out_bits):
 
 
 def run(dut, x, expect, *, valid_prob=0.7, ready_prob=0.4, testcase=None,
-        expect_failure=False):
+        expect_failure=False, k=None):
     vectors = dict(x=x, expect=expect, in_bits=dut.in_bits, out_bits=dut.out_bits, pe=dut.pe,
                    valid_prob=valid_prob, ready_prob=ready_prob, latency=dut.latency(),
                    cycles_per_vector=dut.cycles_per_vector(),
                    interval=dut.initiation_interval(), chunk_interval=dut.chunk_interval())
+    if k is not None:
+        vectors["k"] = np.asarray(k)
     return run_cocotb(component_or_verilog=dut, toplevel="matvec", test_module="matvec_bench",
                       test_dir=TESTS / "benches", build_root=BUILD_ROOT, vectors=vectors,
                       testcase=testcase, expect_failure=expect_failure, timeout_s=300)
@@ -103,9 +105,11 @@ def stories_unit(name, pe, simd, form):
     qm = stories_qmodel()
     mat = getattr(qm.layers[0], name)
     r = mat.requant
+    # w2 takes the SwiGLU output's exponent (as the chip builds it)
+    ek = {"exp_max": qm.numerics.hid_exp_max} if name == "w2" else {}
     return MatVecUnit(weights=mat.q, weight_bits=mat.bits, in_bits=qm.numerics.act_bits,
                       mult=r.mult, shift=r.shift, out_bits=r.out_bits, pe=pe, simd=simd,
-                      form=form)
+                      form=form, **ek)
 
 
 def trace_vectors(src, dst):
@@ -124,7 +128,58 @@ def test_stories260k(name, src, dst, pe, simd, form):
         assert dut.out_bits == stories_qmodel().numerics.silu_bits
     x, expect = trace_vectors(src, dst)
     assert len(x) >= 2
-    run(dut, x, expect)
+    k = None
+    if name == "w2":
+        assert dut.exp_max == 2
+        k = [t["L0.hidden_k"] for t in stories_trace()[:POSITIONS]]
+    run(dut, x, expect, k=k)
+
+
+# rows, cols, pe, simd, form
+EXP_CASES = [
+    (8, 12, 2, 3, "rom"),
+    (6, 10, 3, 2, "const"),
+    (4, 6, 4, 6, "const"),            # fully unrolled
+    (12, 16, 2, 16, "rom"),           # one column step: back-to-back groups of mixed k
+]
+
+
+def exp_case(seed, rows, cols, *, exp_max=2, n=9):
+    """Random W2-like unit inputs with a per-vector exponent: each ``k`` in ``0..exp_max``
+    appears, consecutive vectors differ in ``k``."""
+    w, mult, shift, x = random_case(seed, rows, cols, 8, n=n)
+    k = np.arange(n) % (exp_max + 1)
+    expect = np.array([nx.requantize(nx.matvec(w, v), mult, shift + exp_max - kk, 8)
+                       for v, kk in zip(x, k)])
+    return w, mult, shift, x, k, expect
+
+
+@pytest.mark.parametrize("rows, cols, pe, simd, form", EXP_CASES)
+def test_random_exponent(rows, cols, pe, simd, form):
+    """The requantizer shift is ``shift + E - k``, ``k`` carried with each input vector."""
+    w, mult, shift, x, k, expect = exp_case(rows + cols, rows, cols)
+    dut = MatVecUnit(weights=w, weight_bits=8, mult=mult, shift=shift, out_bits=8, pe=pe,
+                     simd=simd, form=form, exp_max=2)
+    assert dut.cycles_per_vector() == dut.steps + dut.pipeline_depth   # no extra cycle
+    for kk in range(3):   # every k in 0..2 occurs; each k > 0 changes the result
+        assert np.any(k == kk)
+        if kk > 0:
+            fixed = expected(w, x, mult, shift + 2, 8)
+            assert not np.array_equal(expect[k == kk], fixed[k == kk])
+    run(dut, x, expect, k=k, testcase="full_rate")
+    run(dut, x, expect, k=k, testcase="backpressure")
+
+
+def test_exponent_negative_control():
+    """Expected values that ignore ``k`` (shift fixed at ``shift + E``, right for ``k = 0``
+    only) must fail: vector 0 has ``k = 0``, vector 1 ``k = 1``."""
+    w, mult, shift, x, k, _ = exp_case(20, 8, 12)
+    dut = MatVecUnit(weights=w, weight_bits=8, mult=mult, shift=shift, out_bits=8, pe=2,
+                     simd=3, exp_max=2)
+    res = run(dut, x, expected(w, x, mult, shift + 2, 8), k=k, testcase="full_rate",
+              expect_failure=True)
+    assert "vector 1, row" in res.tests[0].message
+
 
 
 def test_negative_control():
@@ -177,6 +232,8 @@ GOOD = dict(weights=np.ones((8, 12), dtype=np.int64), weight_bits=4, mult=np.one
     (dict(weight_bits=2), r"^weight_bits must be between 3 and 8, not 2$"),
     (dict(shift=-1), r"^shift must be non-negative, not -1$"),
     (dict(out_bits=1), r"^out_bits must be at least 2 for signed outputs, not 1$"),
+    (dict(exp_max=8), r"^exp_max must lie in 0\.\.7, not 8$"),
+    (dict(exp_max=-1), r"^exp_max must lie in 0\.\.7, not -1$"),
 ])
 def test_bad_config(change, message):
     with pytest.raises(ValueError, match=message):

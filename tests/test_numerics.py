@@ -66,3 +66,25 @@ def test_attention_head_is_a_softmax_weighted_mean():
 
 def test_argmax_lowest_index_wins_ties():
     assert nx.argmax([3, 7, 7, 1]) == 1
+
+
+def test_swiglu_exp_zero_is_swiglu():
+    """``exp_max = 0`` reproduces the plain SwiGLU exactly (k = 0)."""
+    r = np.random.default_rng(3)
+    table = r.integers(-(1 << 15), 1 << 15, 1024)
+    h1, h3 = r.integers(-512, 512, 300), r.integers(-128, 128, 300)
+    kw = dict(silu_table=table, silu_offset=512, mult=90001, shift=30)
+    hid, k = nx.swiglu_exp(h1, h3, exp_max=0, **kw)
+    assert k == 0 and np.array_equal(hid, nx.swiglu(h1, h3, **kw))
+    assert np.abs(hid).max() == 128   # saturates somewhere: the comparison is not vacuous
+
+
+def test_vector_exponent_each_k():
+    """k is the smallest shift whose rounded extremes fit +-127, else E."""
+    assert nx.vector_exponent([127, -127], exp_max=2) == 0
+    assert nx.vector_exponent([128], exp_max=2) == 1
+    assert nx.vector_exponent([-128], exp_max=2) == 1
+    assert nx.vector_exponent([254], exp_max=2) == 1       # (254 + 1) >> 1 = 127
+    assert nx.vector_exponent([255], exp_max=2) == 2       # rounds to 128 at k = 1
+    assert nx.vector_exponent([-255], exp_max=2) == 1      # (-255 + 1) >> 1 = -127
+    assert nx.vector_exponent([10 ** 6], exp_max=2) == 2   # saturates at k = E

@@ -1,8 +1,8 @@
 """cocotb bench of ``LoraUnit`` (delta chunks) and ``LoraProjection`` (requantized rows).
 
 Both have the ports ``i``, ``o`` (``rows/pe`` chunks per vector), ``wr`` (SRAM byte writes),
-``bank`` and ``on``. Vectors (``$HARDWIRE_VECTORS``): ``x`` (N, cols) inputs; ``img1``,
-``img0`` two adapter sections (bytes at body offsets ``base`` ..); ``expect1``, ``expect0``
+``bank`` and ``on``. Vectors (``$HARDWIRE_VECTORS``): ``x`` (N, cols) inputs (optional
+``k`` (N,): their exponents, for ``exp_max > 0``); ``img1``, ``img0`` two adapter sections (bytes at body offsets ``base`` ..); ``expect1``, ``expect0``
 (N, rows) the golden outputs with each adapter, ``expect_off`` without; ``out_bits``, ``pe``;
 ``valid_prob``/``ready_prob``; ``cycles_on``, ``cycles_off`` (the formulas: last chunk after
 the input transfer) and ``first_chunk`` (the first chunk, ``LoraUnit`` only, else -1).
@@ -38,9 +38,11 @@ async def run_vectors(dut, v, expect, what, *, valid_prob, ready_prob, seed):
     pe, ob = int(v["pe"]), int(v["out_bits"])
     n, rows = expect.shape
     groups = rows // pe
-    send = cocotb.start_soon(stream_send(dut, "i", [pack_signed(x, int(v["in_bits"]))
-                                                    for x in v["x"]],
-                                         valid_prob=valid_prob, rng=seed))
+    words = [pack_signed(x, int(v["in_bits"])) for x in v["x"]]
+    if "k" in v:    # exponent of each input vector (exp_max > 0), above the vector
+        words = [w | (int(kk) << (len(x) * int(v["in_bits"])))
+                 for w, x, kk in zip(words, v["x"], v["k"])]
+    send = cocotb.start_soon(stream_send(dut, "i", words, valid_prob=valid_prob, rng=seed))
     got = await stream_recv(dut, "o", n * groups, ready_prob=ready_prob, rng=seed + 1)
     await send
     for k, word in enumerate(got):

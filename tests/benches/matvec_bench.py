@@ -1,6 +1,8 @@
 """cocotb bench of ``MatVecUnit``: whole input vectors in, ``rows/pe`` output chunks out.
 
-Vectors (``$HARDWIRE_VECTORS``): ``x`` (N, cols) inputs; ``expect`` (N, rows) golden outputs;
+Vectors (``$HARDWIRE_VECTORS``): ``x`` (N, cols) inputs; optional ``k`` (N,) the inputs'
+exponents (a unit with ``exp_max > 0``: ``k`` sits above the vector in the payload);
+``expect`` (N, rows) golden outputs;
 ``in_bits``, ``out_bits``, ``pe``; ``valid_prob``/``ready_prob`` for the ``backpressure``
 test; the unit's cycle formulas ``latency``, ``cycles_per_vector``, ``interval`` and
 ``chunk_interval``, which ``full_rate`` checks against the measured transfer cycles.
@@ -46,8 +48,10 @@ async def _run(dut, v, valid_prob, ready_prob):
     await reset(dut)
     log = {"i": [], "o": []}
     cocotb.start_soon(_transfers(dut, log))
-    send = cocotb.start_soon(stream_send(dut, "i", [pack_signed(x, in_bits) for x in v["x"]],
-                                         valid_prob=valid_prob, rng=1))
+    words = [pack_signed(x, in_bits) for x in v["x"]]
+    if "k" in v:
+        words = [w | (int(k) << (len(x) * in_bits)) for w, x, k in zip(words, v["x"], v["k"])]
+    send = cocotb.start_soon(stream_send(dut, "i", words, valid_prob=valid_prob, rng=1))
     got = await stream_recv(dut, "o", n * groups, ready_prob=ready_prob, rng=2)
     await send
     for k, word in enumerate(got):

@@ -2,7 +2,9 @@
 
 Vectors (``$HARDWIRE_VECTORS``): ``gate``, ``up``, ``expect`` (N, n); ``in_bits``,
 ``up_bits``, ``out_bits``; ``valid_prob`` and ``ready_prob`` (1.0 = no bubbles / no
-backpressure); ``latency`` and ``interval`` (checked when both probabilities are 1).
+backpressure); ``latency`` and ``interval`` (checked when both probabilities are 1); optional
+``expect_k`` (N,): the exponents of a SwiGLU with ``exp_max > 0`` (``k`` sits above the vector
+in the payload).
 """
 
 import cocotb
@@ -35,6 +37,9 @@ async def vectors(dut):
         await send
     for k, (word, want) in enumerate(zip(got, v["expect"])):
         out = unpack_signed(word, n, out_bits)
+        if "expect_k" in v:
+            got_k, want_k = word >> (n * out_bits), int(v["expect_k"][k])
+            assert got_k == want_k, f"vector {k}: k is {got_k}, expected {want_k}"
         bad = [j for j in range(n) if out[j] != int(want[j])]
         assert not bad, (f"vector {k}: element {bad[0]} is {out[bad[0]]}, expected "
                          f"{int(want[bad[0]])} ({len(bad)} mismatches)")
