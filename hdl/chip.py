@@ -129,7 +129,7 @@ class LlamaChip(wiring.Component):
     When the layers' RoPE units are built with ``shared_table`` (as
     :func:`~hardwire.compiler.chip_builder.build_chip` does), the chip holds their cos/sin
     table once, in a :class:`~.rope.RoPETable` (one ROM, a read port for q and one for k)
-    whose ports belong to the layer that took the last input vector.
+    whose read ports serve whichever layer's units read (one layer at a time).
 
     The shared classifier of a tied-embedding model uses the same integer table as the
     embedding; the two are separate ROMs here (the embedding reads rows, the classifier's
@@ -358,14 +358,12 @@ class LlamaChip(wiring.Component):
 
         # ---- one RoPE table for all layers: the layers run one after another (one token in
         # flight, and a layer's RoPE units run between its input and output transfers), so
-        # the layer that took the last input vector owns the table's read ports
+        # at most one layer's units read the table in any cycle (rope_table.clash: never)
         if self._rope_table is not None:
             m.submodules.rope_table = rt = self._rope_table
             for k, layer in enumerate(self._layers):
                 wiring.connect(m, layer.rope_q_table, rt.q[k])
                 wiring.connect(m, layer.rope_k_table, rt.k[k])
-                with m.If(layer.i.valid & layer.i.ready):
-                    m.d.sync += rt.sel.eq(k)
 
         # ---- LoRA: the loader drives every layer's SRAM writes, bank and switch
         if self._lora_loader is not None:

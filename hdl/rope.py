@@ -274,11 +274,11 @@ class RoPETable(wiring.Component):
     The table depends only on the position and the pair index, so every layer's units read
     the same words; the layers of a chip run one after another (one token in flight), so one
     ROM with two synchronous read ports (one true-dual-port block RAM: port ``q`` for the
-    q units, port ``k`` for the k units) serves all of them. ``sel`` picks the layer whose
-    units drive the addresses and read enables; the read data goes to every unit. Only the
-    selected layer's units may read (the chip sets ``sel`` to a layer when that layer takes its
-    input vector, before its units start; ``clash`` is high in a cycle in which a unit of
-    another layer asserts ``en``, which the chip's benches check never happens).
+    q units, port ``k`` for the k units) serves all of them. A port's address and enable are
+    the OR of the units' addresses gated by their enables (a unit that does not read drives
+    nothing), and the read data goes to every unit. At most one unit per port may read in a
+    cycle; ``clash`` is high in a cycle in which two or more do (the chip's benches check it
+    never is).
 
     Parameters
     ----------
@@ -288,12 +288,10 @@ class RoPETable(wiring.Component):
 
     Members
     -------
-    sel : ``In(range(len(ropes)))``
-        The layer whose units own the read ports.
     q, k : ``In(rope_table_signature(...)).array(len(ropes))``
         Per layer, the table port of its ``rope_q`` / ``rope_k``.
     clash : ``Out(1)``
-        A unit of a layer other than ``sel`` asserts ``en`` (never, in a chip).
+        Two units of the same port read in this cycle (never, in a chip).
     """
 
     def __init__(self, *, ropes):
@@ -314,7 +312,6 @@ class RoPETable(wiring.Component):
         self._shape, self._depth = ropes[0][0].table_shape(), ropes[0][0].table_depth
         sig = rope_table_signature(self._shape, self._depth)
         super().__init__({
-            "sel": In(range(len(ropes))),
             "q": In(sig).array(len(ropes)),
             "k": In(sig).array(len(ropes)),
             "clash": Out(1),
@@ -329,12 +326,19 @@ class RoPETable(wiring.Component):
                                                init=self._ropes[0][0].table_init())
         for name in ("q", "k"):
             rd, ports = rom.read_port(), getattr(self, name)
-            with m.Switch(self.sel):
-                for k, port in enumerate(ports):
-                    with m.Case(k):
-                        m.d.comb += [rd.addr.eq(port.addr), rd.en.eq(port.en)]
+            m.d.comb += [rd.addr.eq(_or(port.addr & port.en.replicate(len(port.addr))
+                                        for port in ports)),
+                         rd.en.eq(_or(port.en for port in ports))]
             for k, port in enumerate(ports):
                 m.d.comb += port.data.eq(rd.data)
-                with m.If(port.en & (self.sel != k)):
+                with m.If(port.en & _or(other.en for j, other in enumerate(ports) if j != k)):
                     m.d.comb += self.clash.eq(1)
         return m
+
+
+def _or(values):
+    values = list(values)
+    out = Const(0, 1)
+    for v in values:
+        out = out | v
+    return out

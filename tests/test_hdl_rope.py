@@ -145,15 +145,15 @@ def test_bad_config(kwargs, message):
 
 class SharedTableRoPE(wiring.Component):
     """Two "layers" of (rope_q, rope_k) units built with ``shared_table`` around one
-    :class:`RoPETable` whose ``sel`` is held at ``sel``; the unit under test is layer 1's
-    ``which`` unit (its ports are this component's), the other three stay idle. With
-    ``sel=0`` the unit's reads never reach the ROM (the negative control)."""
+    :class:`RoPETable`; the unit under test is layer 1's ``which`` unit (its ports are this
+    component's), the other three stay idle. ``broken``: the unit's read enable does not
+    reach the table (the negative control)."""
 
-    def __init__(self, *, which, sel=1, **kwargs):
+    def __init__(self, *, which, broken=False, **kwargs):
         self.units = [tuple(RoPE(**kwargs, shared_table=True) for _ in "qk") for _ in "01"]
         self.dut = self.units[1]["qk".index(which)]
         self.table = RoPETable(ropes=self.units)
-        self.sel = sel
+        self.broken = broken
         members = self.dut.signature.members
         super().__init__({k: members[k] for k in ("i", "o", "error")})
 
@@ -172,19 +172,22 @@ class SharedTableRoPE(wiring.Component):
         for k, pair in enumerate(self.units):
             for which, unit in zip("qk", pair):
                 m.submodules[f"{which}{k}"] = unit
-                wiring.connect(m, unit.table, getattr(self.table, which)[k])
-        m.d.comb += self.table.sel.eq(self.sel)
+                port = getattr(self.table, which)[k]
+                if unit is self.dut and self.broken:
+                    m.d.comb += [port.addr.eq(unit.table.addr), unit.table.data.eq(port.data)]
+                else:
+                    wiring.connect(m, unit.table, port)
         wiring.connect(m, wiring.flipped(self.i), self.dut.i)
         wiring.connect(m, self.dut.o, wiring.flipped(self.o))
         m.d.comb += self.error.eq(self.dut.error)
         return m
 
 
-def shared_case(which, lanes, sel=1):
+def shared_case(which, lanes, broken=False):
     dut, pos, vecs, expect = stories_case(which, lanes)
     c = stories_qmodel().config
     tables = stories_qmodel().tables
-    shared = SharedTableRoPE(which=which, sel=sel, n=dut.n, head_size=c.head_size,
+    shared = SharedTableRoPE(which=which, broken=broken, n=dut.n, head_size=c.head_size,
                              cos_table=tables.rope_cos, sin_table=tables.rope_sin,
                              frac=tables.config.rope_frac, bits=dut.bits, lanes=lanes)
     Fragment.get(dut, None)         # the own-table unit is only the reference here
@@ -202,16 +205,15 @@ def test_shared_table_stories260k(which, lanes):
 
 
 def test_shared_table_negative_control():
-    """``sel`` on the idle layer: the unit's addresses do not reach the ROM and the bench
-    fails."""
-    dut, pos, vecs, expect = shared_case("q", 2, sel=0)
+    """The unit's read enable cut off from the table: the bench fails."""
+    dut, pos, vecs, expect = shared_case("q", 2, broken=True)
     run(dut, pos, vecs, expect, expect_failure=True)
 
 
 def test_rope_table_ports_and_clash():
-    """The table alone (``amaranth.sim``): each port returns the word at the selected layer's
-    address one cycle later, ignores the other layers' addresses, and ``clash`` is high
-    exactly when an unselected layer's unit reads."""
+    """The table alone (``amaranth.sim``): each port returns, one cycle later, the word at the
+    address of the one unit that read (held when none did), to every unit; ``clash`` is high
+    exactly when two units of a port read in the same cycle."""
     tables = nx.make_tables(head_size=8, seq_len=6)
     kw = dict(n=16, head_size=8, cos_table=tables.rope_cos, sin_table=tables.rope_sin,
               lanes=2, shared_table=True)
@@ -224,15 +226,12 @@ def test_rope_table_ports_and_clash():
     seen = []
 
     async def bench(ctx):
-        for _ in range(60):
-            sel = int(r.integers(0, 3))
-            ctx.set(table.sel, sel)
+        for _ in range(80):
             addr = {}
             for which in "qk":
                 for k in range(3):
                     port = getattr(table, which)[k]
-                    a = int(r.integers(0, len(init)))
-                    en = int(r.random() < (0.9 if k == sel else 0.1))
+                    a, en = int(r.integers(0, len(init))), int(r.random() < 0.3)
                     ctx.set(port.addr, a)
                     ctx.set(port.en, en)
                     addr[which, k] = (a, en)
@@ -240,7 +239,7 @@ def test_rope_table_ports_and_clash():
             await ctx.tick()
             got = {(w, k): ctx.get(getattr(table, w)[k].data).as_value().value
                    for w in "qk" for k in range(3)}
-            seen.append((sel, addr, clash, got))
+            seen.append((addr, clash, got))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnusedElaboratable)     # the units are port owners
@@ -251,25 +250,71 @@ def test_rope_table_ports_and_clash():
     word = [layout.const(w).as_value().value for w in init]
 
     def check(word):
-        held, bad, clashes = {"q": 0, "k": 0}, [], 0
-        for step, (sel, addr, clash, got) in enumerate(seen):
-            want_clash = any(en for (w, k), (a, en) in addr.items() if k != sel)
+        held, bad, clashes, reads = {"q": 0, "k": 0}, [], 0, 0
+        for step, (addr, clash, got) in enumerate(seen):
+            readers = {w: [a for (v, k), (a, en) in addr.items() if v == w and en]
+                       for w in "qk"}
+            want_clash = any(len(x) > 1 for x in readers.values())
             clashes += want_clash
             if bool(clash) != want_clash:
                 bad.append(f"step {step}: clash {clash}")
             for w in "qk":
-                a, en = addr[w, sel]
-                if en:
-                    held[w] = word[a]
-                for k in range(3):      # every layer sees the selected layer's word
-                    if got[w, k] != held[w]:
+                if len(readers[w]) > 1:
+                    held[w] = None          # a clash: the word is undefined
+                    continue
+                if readers[w]:
+                    held[w] = word[readers[w][0]]
+                    reads += 1
+                for k in range(3):          # every unit sees the word
+                    if held[w] is not None and got[w, k] != held[w]:
                         bad.append(f"step {step}: port {w}{k}")
-        return clashes, bad
+        return clashes, reads, bad
 
-    clashes, bad = check(word)
-    assert 0 < clashes < len(seen) and not bad, bad[:5]
+    clashes, reads, bad = check(word)
+    assert 0 < clashes < len(seen) and reads > 20 and not bad, bad[:5]
     # negative control: the same check against the words one row off must fail
-    assert check(word[1:] + word[:1])[1]
+    assert check(word[1:] + word[:1])[2]
+
+
+def test_chip_rope_table_never_clashes():
+    """A two-layer chip (``amaranth.sim``): both layers' units read the one table, never in
+    the same cycle, and the tokens and layer outputs are the golden model's."""
+    import test_chip as tc
+    qm = tc.tiny_qmodel("mha")
+    chip = tc.build_chip(qm, tc.plan_chip(qm, fold=tc.TINY["mha"][1]))
+    assert chip.rope_table is not None and chip.rope_table.n_layers == 2
+    script = tc.Script(qm, chip).feed(1, 5).feed_own(1)
+    seen, clash, readers = [], [], set()
+
+    async def bench(ctx):
+        ctx.set(chip.token_out.ready, 1)
+        for kind, token, *_ in script.ops:
+            token = seen[-1][0] if kind == tc.FEED_OWN else token
+            ctx.set(chip.token_in.payload, token)
+            ctx.set(chip.token_in.valid, 1)
+            await ctx.tick().until(chip.token_in.ready)
+            ctx.set(chip.token_in.valid, 0)
+            taps = []
+            while not ctx.get(chip.token_out.valid):
+                if ctx.get(chip.tap_valid):
+                    taps.append([int(x) for x in ctx.get(chip.tap_data)])
+                clash.append(ctx.get(chip.rope_table.clash))
+                for k, layer in enumerate(chip.layers):
+                    for w in "qk":
+                        if ctx.get(getattr(layer, f"rope_{w}_table").en):
+                            readers.add((k, w))
+                await ctx.tick()
+            seen.append((ctx.get(chip.token_out.payload), taps))
+            await ctx.tick()
+
+    sim = Simulator(chip)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    assert readers == {(k, w) for k in range(2) for w in "qk"}
+    assert len(clash) > 1000 and not any(clash)
+    for (token, taps), (want, want_taps, _) in zip(seen, script.feeds):
+        assert token == want and taps == [list(t) for t in want_taps]
 
 
 @pytest.mark.parametrize("make, message", [
