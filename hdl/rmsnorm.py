@@ -39,7 +39,8 @@ class RMSNorm(wiring.Component):
     detector turns the sum into the shift ``s``; the table is read (synchronous ``Memory``
     port) at ``ss >> s``. Pass 2 multiplies ``lanes`` elements per cycle by their gain (a
     ``Memory`` of ``dim / lanes`` rows) and by ``r``, adds the rounding constant (its own
-    stage), shifts, saturates and shifts the results into the output register. One vector is in flight at a time; the next one is accepted in
+    stage), shifts, saturates and shifts the results into the output register. One vector
+    is in flight at a time; the next one is accepted in
     the cycle the result is taken.
 
     Parameters

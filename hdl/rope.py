@@ -200,7 +200,7 @@ class RoPE(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         bits, lanes, n, frac = self._bits, self._lanes, self._n, self._frac
-        w, wpp, word_of, col_of, phases = self._rom_layout()
+        _, wpp, word_of, col_of, phases = self._rom_layout()
 
         if self._shared:
             rd = self.table
