@@ -132,7 +132,8 @@ def build_chip(qm, plan=None, *, lora=None):
 
     def rope(n):
         return RoPE(n=n, head_size=c.head_size, cos_table=tb.rope_cos, sin_table=tb.rope_sin,
-                    frac=tc.rope_frac, bits=nc.qkv_bits, lanes=plan.rope_lanes)
+                    frac=tc.rope_frac, bits=nc.qkv_bits, lanes=plan.rope_lanes,
+                    shared_table=True)      # one table for the chip (LlamaChip.rope_table)
 
     e = qm.embed
     embedding = EmbeddingROM(table=e.q, weight_bits=e.bits, mult=e.requant.mult,

@@ -19,6 +19,7 @@ from .embedding import EmbeddingROM
 from .lora_loader import STATUS_LAYOUT, LoraLoader
 from .matvec import MatVecUnit
 from .rmsnorm import RMSNorm
+from .rope import RoPETable
 
 __all__ = [
     "ID_MAGIC",
@@ -88,7 +89,8 @@ class LlamaChip(wiring.Component):
     """A Llama model as a hard-wired chip: one token in, the greedy next token out.
 
     ``token_in`` -> range and context checks -> :class:`EmbeddingROM` -> one
-    :class:`DecoderLayer` per layer (each with its own weight ROMs and KV cache) -> final
+    :class:`DecoderLayer` per layer (each with its own weight ROMs and KV cache; the RoPE
+    table is the chip's, see below) -> final
     :class:`RMSNorm` -> classifier :class:`MatVecUnit` -> :class:`Argmax` (``lanes`` = the
     classifier's ``pe``, fed its chunks directly) -> ``token_out``. One token is processed at
     a time: ``token_in`` is ready while the chip is idle (not ``busy``), and ``busy`` lasts
@@ -123,6 +125,11 @@ class LlamaChip(wiring.Component):
     Debug tap (never stalls the chip): in the cycle after layer ``i``'s output vector (golden
     trace ``L{i}.out``) transfers, ``tap_valid`` is high for one cycle with ``tap_layer = i``
     and the vector on ``tap_data``.
+
+    When the layers' RoPE units are built with ``shared_table`` (as
+    :func:`~hardwire.compiler.chip_builder.build_chip` does), the chip holds their cos/sin
+    table once, in a :class:`~.rope.RoPETable` (one ROM, a read port for q and one for k)
+    whose read ports serve whichever layer's units read (one layer at a time).
 
     The shared classifier of a tied-embedding model uses the same integer table as the
     embedding; the two are separate ROMs here (the embedding reads rows, the classifier's
@@ -225,6 +232,12 @@ class LlamaChip(wiring.Component):
         elif with_lora:
             raise ValueError(f"layers[{with_lora[0]}] has LoRA projections but no lora_loader "
                              "was given")
+        shared = [layer.blocks["rope_q"].shared_table for layer in layers]
+        if any(shared) and not all(shared):
+            raise ValueError(f"layers[{shared.index(not shared[0])}]: either every layer's "
+                             "RoPE units share the chip's table or none does")
+        self._rope_table = RoPETable(ropes=[(layer.blocks["rope_q"], layer.blocks["rope_k"])
+                                            for layer in layers]) if all(shared) else None
         self._lora_loader = lora_loader
         self._embedding, self._layers = embedding, layers
         self._final_norm, self._classifier = final_norm, classifier
@@ -258,6 +271,7 @@ class LlamaChip(wiring.Component):
     argmax = property(lambda self: self._argmax)
     id_words = property(lambda self: list(self._id_words))
     lora_loader = property(lambda self: self._lora_loader)
+    rope_table = property(lambda self: self._rope_table)
     dim = property(lambda self: self._dim)
     n_layers = property(lambda self: len(self._layers))
     resid_bits = property(lambda self: self._resid_bits)
@@ -341,6 +355,15 @@ class LlamaChip(wiring.Component):
         ]
         with m.If(self.token_out.valid & self.token_out.ready):
             m.d.sync += self.busy.eq(0)
+
+        # ---- one RoPE table for all layers: the layers run one after another (one token in
+        # flight, and a layer's RoPE units run between its input and output transfers), so
+        # at most one layer's units read the table in any cycle (rope_table.clash: never)
+        if self._rope_table is not None:
+            m.submodules.rope_table = rt = self._rope_table
+            for k, layer in enumerate(self._layers):
+                wiring.connect(m, layer.rope_q_table, rt.q[k])
+                wiring.connect(m, layer.rope_k_table, rt.k[k])
 
         # ---- LoRA: the loader drives every layer's SRAM writes, bank and switch
         if self._lora_loader is not None:

@@ -77,6 +77,9 @@ class DecoderLayer(wiring.Component):
         (it is sampled when q, k and v enter RoPE and attention). Must be below ``n_pos``.
     o : ``Out(stream.Signature(vector_layout(resid_bits, dim)))``
         Residual stream out (golden trace ``L{i}.out``).
+    rope_q_table, rope_k_table : ``Out(rope_table_signature(...))``
+        Only when the RoPE units share a table (``shared_table``): their table read ports,
+        served by the chip's :class:`~.rope.RoPETable`.
     lora_wr : ``In(lora_write_signature(addr_bits))``; lora_bank, lora_on : ``In(1)``
         Only with LoRA projections: the SRAM byte writes (to every LoRA projection; each
         keeps the bytes of its own section), the active bank, the adapter switch.
@@ -123,6 +126,9 @@ class DecoderLayer(wiring.Component):
         for n in ("rope_q", "rope_k"):
             same(f"{n}.bits", blocks[n].bits, attention.bits, "attention.bits")
             same(f"{n}.seq_len", blocks[n].seq_len, attention.n_pos, "attention.n_pos")
+        if rope_q.shared_table != rope_k.shared_table:
+            raise ValueError("rope_q and rope_k must both have their own table or both share "
+                             "one (shared_table)")
         same("wo.in_bits", wo.in_bits, attention.out_bits, "attention.out_bits")
         same("wo.out_bits", wo.out_bits, rbits, "the residual width")
         same("swiglu.in_bits", swiglu.in_bits, w1.out_bits, "w1.out_bits")
@@ -142,6 +148,9 @@ class DecoderLayer(wiring.Component):
             "pos": In(pos_shape(attention.n_pos)),
             "o": Out(stream.Signature(vector_layout(rbits, dim))),
         }
+        if rope_q.shared_table:
+            ports.update(rope_q_table=Out(rope_q.table.signature),
+                         rope_k_table=Out(rope_k.table.signature))
         if lora:
             ports.update(lora_wr=In(lora_write_signature(addr_bits.pop())), lora_bank=In(1),
                          lora_on=In(1))
@@ -204,6 +213,9 @@ class DecoderLayer(wiring.Component):
         b = self._blocks
         for name, block in b.items():
             m.submodules[name] = block
+        if b["rope_q"].shared_table:      # the table ROM is the chip's (RoPETable)
+            wiring.connect(m, b["rope_q"].table, wiring.flipped(self.rope_q_table))
+            wiring.connect(m, b["rope_k"].table, wiring.flipped(self.rope_k_table))
         for name in self._lora:
             m.d.comb += [b[name].wr.en.eq(self.lora_wr.en), b[name].wr.bank.eq(self.lora_wr.bank),
                          b[name].wr.addr.eq(self.lora_wr.addr),

@@ -38,8 +38,9 @@ class RMSNorm(wiring.Component):
     read twice. Pass 1 squares ``lanes`` elements per cycle into the accumulator. A leading-one
     detector turns the sum into the shift ``s``; the table is read (synchronous ``Memory``
     port) at ``ss >> s``. Pass 2 multiplies ``lanes`` elements per cycle by their gain (a
-    ``Memory`` of ``dim / lanes`` rows) and by ``r``, rounds, saturates and shifts the results
-    into the output register. One vector is in flight at a time; the next one is accepted in
+    ``Memory`` of ``dim / lanes`` rows) and by ``r``, adds the rounding constant (its own
+    stage), shifts, saturates and shifts the results into the output register. One vector
+    is in flight at a time; the next one is accepted in
     the cycle the result is taken.
 
     Parameters
@@ -133,9 +134,9 @@ class RMSNorm(wiring.Component):
 
     def latency(self):
         """Cycles from the input transfer to the first cycle ``o.valid`` is high:
-        ``2 * dim / lanes + 7`` (pass 1, accumulate, leading one, table read, pass 2, three
+        ``2 * dim / lanes + 8`` (pass 1, accumulate, leading one, table read, pass 2, four
         pipeline stages)."""
-        return 2 * (self._dim // self._lanes) + 7
+        return 2 * (self._dim // self._lanes) + 8
 
     def initiation_interval(self):
         """Cycles between input transfers with the input always valid and ``o`` always ready
@@ -196,14 +197,19 @@ class RMSNorm(wiring.Component):
         out_half = Signal(unsigned(max(1, max_shift)))
         m.d.comb += rsqrt_rd.addr.eq((acc >> s_even)[:self._rsqrt_bits])
 
-        # pass 2: x * gain (stage 1), * r (stage 2), round + saturate into o (stage 3)
+        # pass 2: x * gain (stage 1), * r (stage 2), + the rounding constant (stage 3),
+        # variable shift + saturate into o (stage 4): the rounding add and the shift are
+        # registered apart (Fmax: the add's carry chain and the shifter in one cycle were
+        # the chip's critical path)
         cnt = Signal(range(chunks))
-        issue, v1, v2, v3 = Signal(), Signal(), Signal(), Signal()
+        issue, v1, v2, v3, v4 = Signal(), Signal(), Signal(), Signal(), Signal()
         xk = Signal(in_chunk)
         p1 = [Signal(signed(in_bits + g_bits)) for _ in range(lanes)]
         p2 = [Signal(signed(in_bits + g_bits + r_bits + 1)) for _ in range(lanes)]
+        p3_bits = max(in_bits + g_bits + r_bits + 1, len(out_half) + 1) + 1    # no overflow
+        p3 = [Signal(signed(p3_bits)) for _ in range(lanes)]
         m.d.comb += [gain_rd.addr.eq(cnt), gain_rd.en.eq(issue)]
-        m.d.sync += [v1.eq(issue), v2.eq(v1), v3.eq(v2)]
+        m.d.sync += [v1.eq(issue), v2.eq(v1), v3.eq(v2), v4.eq(v3)]
         with m.If(issue):
             m.d.sync += [xk.eq(x_low), x.eq(rotate)]
         with m.If(v1):
@@ -211,8 +217,9 @@ class RMSNorm(wiring.Component):
         with m.If(v2):
             m.d.sync += [p2[k].eq(p1[k] * rsqrt_rd.data) for k in range(lanes)]
         with m.If(v3):
-            y = Cat(saturate((p2[k] + out_half) >> out_shift, self._out_bits)
-                    for k in range(lanes))
+            m.d.sync += [p3[k].eq(p2[k] + out_half) for k in range(lanes)]
+        with m.If(v4):
+            y = Cat(saturate(p3[k] >> out_shift, self._out_bits) for k in range(lanes))
             o_bits = self.o.payload.as_value()
             m.d.sync += o_bits.eq(Cat(o_bits[lanes * self._out_bits:], y))
 
@@ -249,7 +256,7 @@ class RMSNorm(wiring.Component):
                     m.d.sync += cnt.eq(0)
                     m.next = "DRAIN"
             with m.State("DRAIN"):
-                with m.If(v3 & ~v2):    # the last chunk is being written
+                with m.If(v4 & ~v3):    # the last chunk is being written
                     m.next = "OUT"
             with m.State("OUT"):
                 m.d.comb += [self.o.valid.eq(1), self.i.ready.eq(self.o.ready)]

@@ -10,7 +10,7 @@ from amaranth.lib.wiring import In, Out
 
 from .arith import bits_for, pos_shape, rshift_round, saturate, vector_layout
 
-__all__ = ["RoPE"]
+__all__ = ["RoPE", "RoPETable", "rope_table_signature"]
 
 #: Widest multiplier operand of the target (ECP5 ``MULT18X18D``).
 _MUL_BITS = 18
@@ -26,6 +26,13 @@ def _table(name, table, columns):
     return table.astype(np.int64)
 
 
+def rope_table_signature(shape, depth):
+    """Read port of a RoPE table ROM, seen from the :class:`RoPE` that reads it: ``addr``
+    (``Out(range(depth))``) and ``en`` (``Out(1)``) drive a synchronous read port, ``data``
+    (``In(shape)``) is its word one cycle after an enabled read (held while ``en`` is low)."""
+    return wiring.Signature({"addr": Out(range(depth)), "en": Out(1), "data": In(shape)})
+
+
 class RoPE(wiring.Component):
     """Rotate adjacent pairs ``(a, b)`` of a vector by the angles of position ``pos``.
 
@@ -39,6 +46,10 @@ class RoPE(wiring.Component):
     of both tables: ``w = lanes`` when ``lanes`` divides ``hs2 = head_size//2`` (word address
     ``pos * (hs2 // lanes) + chunk % (hs2 // lanes)``), else the whole row (``w = hs2``,
     address ``pos``), from which each lane selects its column.
+
+    With ``shared_table`` the unit has no ROM of its own: it reads the table through its
+    ``table`` port (:func:`rope_table_signature` of :meth:`table_shape` and
+    :attr:`table_depth`), which a :class:`RoPETable` serves; the cycles are the same.
 
     An input with ``pos >= seq_len`` is consumed without output and sets the sticky ``error``.
 
@@ -56,6 +67,8 @@ class RoPE(wiring.Component):
         Element width of the input and output vectors.
     lanes : int
         Pairs rotated per cycle; divides ``n // 2``.
+    shared_table : bool
+        Read the table through the ``table`` port instead of an own ROM.
 
     Members
     -------
@@ -66,9 +79,14 @@ class RoPE(wiring.Component):
         Rotated vector.
     error : ``Out(1)``
         Sticky: an input had ``pos >= seq_len``.
+    table : ``Out(rope_table_signature(table_shape(), table_depth))``
+        Only with ``shared_table``: the read port of the table ROM.
     """
 
-    def __init__(self, *, n, head_size, cos_table, sin_table, frac=14, bits=8, lanes=1):
+    def __init__(self, *, n, head_size, cos_table, sin_table, frac=14, bits=8, lanes=1,
+                 shared_table=False):
+        if not isinstance(shared_table, bool):
+            raise ValueError(f"shared_table must be True or False, not {shared_table!r}")
         n, head_size = operator.index(n), operator.index(head_size)
         frac, bits, lanes = operator.index(frac), operator.index(bits), operator.index(lanes)
         if head_size < 2 or head_size % 2:
@@ -97,12 +115,16 @@ class RoPE(wiring.Component):
             n, head_size, frac, bits, lanes
         self._cos, self._sin = cos_table, sin_table
         self._coef_bits = bits_for(lo, hi)
-        super().__init__({
+        self._shared = shared_table
+        ports = {
             "i": In(stream.Signature(data.StructLayout({
                 "pos": pos_shape(self.seq_len), "vec": vector_layout(bits, n)}))),
             "o": Out(stream.Signature(vector_layout(bits, n))),
             "error": Out(1),
-        })
+        }
+        if shared_table:
+            ports["table"] = Out(rope_table_signature(self.table_shape(), self.table_depth))
+        super().__init__(ports)
 
     n = property(lambda self: self._n)
     head_size = property(lambda self: self._head_size)
@@ -118,6 +140,36 @@ class RoPE(wiring.Component):
     @property
     def sin_table(self):
         return self._sin.copy()
+
+    shared_table = property(lambda self: self._shared)
+
+    @property
+    def table_depth(self):
+        """Words of the table ROM: ``seq_len * words_per_pos``."""
+        return self.seq_len * self._rom_layout()[1]
+
+    def table_shape(self):
+        """Shape of a table ROM word: ``w`` columns of both tables (see the class doc)."""
+        coef_shape = signed(self._coef_bits)
+        w = self._rom_layout()[0]
+        return data.StructLayout({"cos": data.ArrayLayout(coef_shape, w),
+                                  "sin": data.ArrayLayout(coef_shape, w)})
+
+    def table_init(self):
+        """Contents of the table ROM, word by word (``Memory(init=...)``)."""
+        w, wpp = self._rom_layout()[:2]
+        init = []
+        for p in range(self.seq_len):
+            for k in range(wpp):
+                sl = slice(k * w, (k + 1) * w)
+                init.append({"cos": [int(x) for x in self._cos[p, sl]],
+                             "sin": [int(x) for x in self._sin[p, sl]]})
+        return init
+
+    def table_key(self):
+        """Equal for two units exactly when their table ROMs are the same (shape, contents)."""
+        w = self._rom_layout()[0]
+        return (w, self._coef_bits, self._cos.shape, self._cos.tobytes(), self._sin.tobytes())
 
     @property
     def chunks(self):
@@ -148,24 +200,20 @@ class RoPE(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         bits, lanes, n, frac = self._bits, self._lanes, self._n, self._frac
-        w, wpp, word_of, col_of, phases = self._rom_layout()
+        _, wpp, word_of, col_of, phases = self._rom_layout()
 
-        coef_shape = signed(self._coef_bits)
-        coef = data.StructLayout({"cos": data.ArrayLayout(coef_shape, w),
-                                  "sin": data.ArrayLayout(coef_shape, w)})
-        init = []
-        for p in range(self.seq_len):
-            for k in range(wpp):
-                sl = slice(k * w, (k + 1) * w)
-                init.append({"cos": [int(x) for x in self._cos[p, sl]],
-                             "sin": [int(x) for x in self._sin[p, sl]]})
-        m.submodules.rom = rom = memory.Memory(shape=coef, depth=len(init), init=init)
-        rd = rom.read_port()
+        if self._shared:
+            rd = self.table
+        else:
+            m.submodules.rom = rom = memory.Memory(shape=self.table_shape(),
+                                                   depth=self.table_depth,
+                                                   init=self.table_init())
+            rd = rom.read_port()
 
         busy = Signal()                           # a vector is being rotated
         chunk = Signal(range(self.chunks + 1))    # chunks whose ROM word has been requested
         phase = Signal(range(phases))             # chunk % phases (the column pattern)
-        base = Signal(range(len(init)))           # first ROM word of this position
+        base = Signal(range(self.table_depth))    # first ROM word of this position
         rot = Signal()                            # rd.data holds a chunk's word this cycle
         rot_phase = Signal.like(phase)
         rot_last = Signal()
@@ -218,3 +266,79 @@ class RoPE(wiring.Component):
             with m.If(rot_last):
                 m.d.sync += [busy.eq(0), self.o.valid.eq(1)]
         return m
+
+
+class RoPETable(wiring.Component):
+    """One RoPE table ROM for the ``rope_q`` and ``rope_k`` units of several layers.
+
+    The table depends only on the position and the pair index, so every layer's units read
+    the same words; the layers of a chip run one after another (one token in flight), so one
+    ROM with two synchronous read ports (one true-dual-port block RAM: port ``q`` for the
+    q units, port ``k`` for the k units) serves all of them. A port's address and enable are
+    the OR of the units' addresses gated by their enables (a unit that does not read drives
+    nothing), and the read data goes to every unit. At most one unit per port may read in a
+    cycle; ``clash`` is high in a cycle in which two or more do (the chip's benches check it
+    never is).
+
+    Parameters
+    ----------
+    ropes : sequence of ``(RoPE, RoPE)``
+        Per layer, its ``(rope_q, rope_k)``, built with ``shared_table=True`` and the same
+        table (:meth:`RoPE.table_key`).
+
+    Members
+    -------
+    q, k : ``In(rope_table_signature(...)).array(len(ropes))``
+        Per layer, the table port of its ``rope_q`` / ``rope_k``.
+    clash : ``Out(1)``
+        Two units of the same port read in this cycle (never, in a chip).
+    """
+
+    def __init__(self, *, ropes):
+        ropes = [tuple(pair) for pair in ropes]
+        if not ropes:
+            raise ValueError("ropes must hold at least one (rope_q, rope_k) pair")
+        for k, pair in enumerate(ropes):
+            if len(pair) != 2 or not all(isinstance(r, RoPE) for r in pair):
+                raise ValueError(f"ropes[{k}] must be a (RoPE, RoPE) pair")
+            for which, r in zip("qk", pair):
+                if not r.shared_table:
+                    raise ValueError(f"ropes[{k}] rope_{which} has its own table "
+                                     "(shared_table=False)")
+                if r.table_key() != ropes[0][0].table_key():
+                    raise ValueError(f"ropes[{k}] rope_{which} has a different table (tables, "
+                                     "lanes or value width) than ropes[0] rope_q")
+        self._ropes = ropes
+        self._shape, self._depth = ropes[0][0].table_shape(), ropes[0][0].table_depth
+        sig = rope_table_signature(self._shape, self._depth)
+        super().__init__({
+            "q": In(sig).array(len(ropes)),
+            "k": In(sig).array(len(ropes)),
+            "clash": Out(1),
+        })
+
+    n_layers = property(lambda self: len(self._ropes))
+    depth = property(lambda self: self._depth)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.rom = rom = memory.Memory(shape=self._shape, depth=self._depth,
+                                               init=self._ropes[0][0].table_init())
+        for name in ("q", "k"):
+            rd, ports = rom.read_port(), getattr(self, name)
+            m.d.comb += [rd.addr.eq(_or(port.addr & port.en.replicate(len(port.addr))
+                                        for port in ports)),
+                         rd.en.eq(_or(port.en for port in ports))]
+            for k, port in enumerate(ports):
+                m.d.comb += port.data.eq(rd.data)
+                with m.If(port.en & _or(other.en for j, other in enumerate(ports) if j != k)):
+                    m.d.comb += self.clash.eq(1)
+        return m
+
+
+def _or(values):
+    values = list(values)
+    out = Const(0, 1)
+    for v in values:
+        out = out | v
+    return out

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from amaranth.hdl import Fragment, UnusedElaboratable
+from amaranth.hdl import Fragment, Module, UnusedElaboratable
+from amaranth.lib import wiring
+from amaranth.sim import Simulator
 
 from hardwire.compiler import numerics as nx
-from hardwire.hdl.rope import RoPE
+from hardwire.hdl.rope import RoPE, RoPETable
 from hardwire.sim.cocotb_runner import run_cocotb
 
 from golden_vectors import rng, stories_qmodel, stories_trace
@@ -127,6 +129,7 @@ GOOD = dict(n=16, head_size=8, cos_table=TABLES.rope_cos, sin_table=TABLES.rope_
      r"most 18$"),
     (dict(cos_table=TABLES.rope_cos.astype(float)), r"^cos_table must hold integers"),
     (dict(bits=1), r"^bits must be at least 2 for signed elements, not 1$"),
+    (dict(shared_table=1), r"^shared_table must be True or False, not 1$"),
 ])
 def test_bad_config(kwargs, message):
     with warnings.catch_warnings():
@@ -134,5 +137,199 @@ def test_bad_config(kwargs, message):
         warnings.simplefilter("ignore", UnusedElaboratable)
         with pytest.raises(ValueError, match=message) as info:
             RoPE(**{**GOOD, **kwargs})
+        del info
+        gc.collect()
+
+
+# ------------------------------------------------------------------ one table, shared ports
+
+class SharedTableRoPE(wiring.Component):
+    """Two "layers" of (rope_q, rope_k) units built with ``shared_table`` around one
+    :class:`RoPETable`; the unit under test is layer 1's ``which`` unit (its ports are this
+    component's), the other three stay idle. ``broken``: the unit's read enable does not
+    reach the table (the negative control)."""
+
+    def __init__(self, *, which, broken=False, **kwargs):
+        self.units = [tuple(RoPE(**kwargs, shared_table=True) for _ in "qk") for _ in "01"]
+        self.dut = self.units[1]["qk".index(which)]
+        self.table = RoPETable(ropes=self.units)
+        self.broken = broken
+        members = self.dut.signature.members
+        super().__init__({k: members[k] for k in ("i", "o", "error")})
+
+    def latency(self):
+        return self.dut.latency()
+
+    def initiation_interval(self):
+        return self.dut.initiation_interval()
+
+    n = property(lambda self: self.dut.n)
+    bits = property(lambda self: self.dut.bits)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.table = self.table
+        for k, pair in enumerate(self.units):
+            for which, unit in zip("qk", pair):
+                m.submodules[f"{which}{k}"] = unit
+                port = getattr(self.table, which)[k]
+                if unit is self.dut and self.broken:
+                    m.d.comb += [port.addr.eq(unit.table.addr), unit.table.data.eq(port.data)]
+                else:
+                    wiring.connect(m, unit.table, port)
+        wiring.connect(m, wiring.flipped(self.i), self.dut.i)
+        wiring.connect(m, self.dut.o, wiring.flipped(self.o))
+        m.d.comb += self.error.eq(self.dut.error)
+        return m
+
+
+def shared_case(which, lanes, broken=False):
+    dut, pos, vecs, expect = stories_case(which, lanes)
+    c = stories_qmodel().config
+    tables = stories_qmodel().tables
+    shared = SharedTableRoPE(which=which, broken=broken, n=dut.n, head_size=c.head_size,
+                             cos_table=tables.rope_cos, sin_table=tables.rope_sin,
+                             frac=tables.config.rope_frac, bits=dut.bits, lanes=lanes)
+    Fragment.get(dut, None)         # the own-table unit is only the reference here
+    assert shared.latency() == dut.latency()
+    return shared, pos, vecs, expect
+
+
+@pytest.mark.parametrize("which, lanes", [("q", 2), ("k", 1)])
+def test_shared_table_stories260k(which, lanes):
+    """A unit reading the chip-style shared ROM through port ``which`` of layer 1: bit-exact
+    against the golden model, same latency and interval as with its own ROM."""
+    dut, pos, vecs, expect = shared_case(which, lanes)
+    run(dut, pos, vecs, expect, valid_prob=0.8, ready_prob=0.7)
+    run(dut, pos, vecs, expect)
+
+
+def test_shared_table_negative_control():
+    """The unit's read enable cut off from the table: the bench fails."""
+    dut, pos, vecs, expect = shared_case("q", 2, broken=True)
+    run(dut, pos, vecs, expect, expect_failure=True)
+
+
+def test_rope_table_ports_and_clash():
+    """The table alone (``amaranth.sim``): each port returns, one cycle later, the word at the
+    address of the one unit that read (held when none did), to every unit; ``clash`` is high
+    exactly when two units of a port read in the same cycle."""
+    tables = nx.make_tables(head_size=8, seq_len=6)
+    kw = dict(n=16, head_size=8, cos_table=tables.rope_cos, sin_table=tables.rope_sin,
+              lanes=2, shared_table=True)
+    units = [(RoPE(**kw), RoPE(**{**kw, "n": 8})) for _ in range(3)]
+    table = RoPETable(ropes=units)
+    init = units[0][0].table_init()
+    assert table.depth == len(init) == 6 * 2
+    layout = units[0][0].table_shape()
+    r = rng(11)
+    seen = []
+
+    async def bench(ctx):
+        for _ in range(80):
+            addr = {}
+            for which in "qk":
+                for k in range(3):
+                    port = getattr(table, which)[k]
+                    a, en = int(r.integers(0, len(init))), int(r.random() < 0.3)
+                    ctx.set(port.addr, a)
+                    ctx.set(port.en, en)
+                    addr[which, k] = (a, en)
+            clash = ctx.get(table.clash)
+            await ctx.tick()
+            got = {(w, k): ctx.get(getattr(table, w)[k].data).as_value().value
+                   for w in "qk" for k in range(3)}
+            seen.append((addr, clash, got))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnusedElaboratable)     # the units are port owners
+        sim = Simulator(table)
+        sim.add_clock(1e-6)
+        sim.add_testbench(bench)
+        sim.run()
+    word = [layout.const(w).as_value().value for w in init]
+
+    def check(word):
+        held, bad, clashes, reads = {"q": 0, "k": 0}, [], 0, 0
+        for step, (addr, clash, got) in enumerate(seen):
+            readers = {w: [a for (v, k), (a, en) in addr.items() if v == w and en]
+                       for w in "qk"}
+            want_clash = any(len(x) > 1 for x in readers.values())
+            clashes += want_clash
+            if bool(clash) != want_clash:
+                bad.append(f"step {step}: clash {clash}")
+            for w in "qk":
+                if len(readers[w]) > 1:
+                    held[w] = None          # a clash: the word is undefined
+                    continue
+                if readers[w]:
+                    held[w] = word[readers[w][0]]
+                    reads += 1
+                for k in range(3):          # every unit sees the word
+                    if held[w] is not None and got[w, k] != held[w]:
+                        bad.append(f"step {step}: port {w}{k}")
+        return clashes, reads, bad
+
+    clashes, reads, bad = check(word)
+    assert 0 < clashes < len(seen) and reads > 20 and not bad, bad[:5]
+    # negative control: the same check against the words one row off must fail
+    assert check(word[1:] + word[:1])[2]
+
+
+def test_chip_rope_table_never_clashes():
+    """A two-layer chip (``amaranth.sim``): both layers' units read the one table, never in
+    the same cycle, and the tokens and layer outputs are the golden model's."""
+    import test_chip as tc
+    qm = tc.tiny_qmodel("mha")
+    chip = tc.build_chip(qm, tc.plan_chip(qm, fold=tc.TINY["mha"][1]))
+    assert chip.rope_table is not None and chip.rope_table.n_layers == 2
+    script = tc.Script(qm, chip).feed(1, 5).feed_own(1)
+    seen, clash, readers = [], [], set()
+
+    async def bench(ctx):
+        ctx.set(chip.token_out.ready, 1)
+        for kind, token, *_ in script.ops:
+            token = seen[-1][0] if kind == tc.FEED_OWN else token
+            ctx.set(chip.token_in.payload, token)
+            ctx.set(chip.token_in.valid, 1)
+            await ctx.tick().until(chip.token_in.ready)
+            ctx.set(chip.token_in.valid, 0)
+            taps = []
+            while not ctx.get(chip.token_out.valid):
+                if ctx.get(chip.tap_valid):
+                    taps.append([int(x) for x in ctx.get(chip.tap_data)])
+                clash.append(ctx.get(chip.rope_table.clash))
+                for k, layer in enumerate(chip.layers):
+                    for w in "qk":
+                        if ctx.get(getattr(layer, f"rope_{w}_table").en):
+                            readers.add((k, w))
+                await ctx.tick()
+            seen.append((ctx.get(chip.token_out.payload), taps))
+            await ctx.tick()
+
+    sim = Simulator(chip)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    assert readers == {(k, w) for k in range(2) for w in "qk"}
+    assert len(clash) > 1000 and not any(clash)
+    for (token, taps), (want, want_taps, _) in zip(seen, script.feeds):
+        assert token == want and taps == [list(t) for t in want_taps]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda kw: [(RoPE(**kw), RoPE(**{**kw, "shared_table": False}))],
+     r"^ropes\[0\] rope_k has its own table \(shared_table=False\)$"),
+    (lambda kw: [(RoPE(**kw), RoPE(**kw)), (RoPE(**kw), RoPE(**{**kw, "lanes": 4}))],
+     r"^ropes\[1\] rope_k has a different table \(tables, lanes or value width\) than "
+     r"ropes\[0\] rope_q$"),
+    (lambda kw: [], r"^ropes must hold at least one \(rope_q, rope_k\) pair$"),
+])
+def test_rope_table_bad_config(make, message):
+    kw = dict(GOOD, shared_table=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnusedElaboratable)
+        with pytest.raises(ValueError, match=message) as info:
+            RoPETable(ropes=make(kw))
         del info
         gc.collect()
