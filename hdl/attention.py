@@ -3,7 +3,7 @@
 import operator
 
 import numpy as np
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -64,8 +64,15 @@ class Attention(wiring.Component):
     the accumulators. The sweeps of successive groups follow back to back; each group's
     reciprocal and output scaling (six pipelined cycles: leading-one detection and ROM read,
     the registered ROM data, the products, the rounding add, the shift, the saturation)
-    overlap the next group's sweep. Score gaps are clamped before the ``exp_mult`` product at the first gap that reaches the last table entry
-    (the index is unchanged, the multiplier operand stays narrow).
+    overlap the next group's sweep. Score gaps are clamped before the ``exp_mult`` product at
+    the first gap that reaches the last table entry (the index is unchanged, the multiplier
+    operand stays narrow).
+
+    Simulation speed: every pipeline register loads only behind its stage's valid bit, so a
+    Verilated chip evaluates a stage's logic only on the cycles it is used (the unit is idle
+    for most of a token); the accumulators and output products are one signal per element
+    (at most 64 bits each) instead of packed vectors, and the rounding constant is only as
+    wide as the largest output shift (no 66-bit arithmetic).
 
     An input with ``pos >= n_pos`` (context full) is consumed without output, leaves the cache
     unchanged and sets the sticky ``error``.
@@ -261,11 +268,12 @@ class Attention(wiring.Component):
         m.d.comb += self.error.eq(err | cache.error)
 
         # -- the request --------------------------------------------------------------------
-        pos = Signal(pos_shape(self._n_pos))
+        # pos, k and v held in the cache write's own layout (the write payload is this
+        # register as it is, no repacking every cycle)
+        kv_req = Signal(kv_w.payload.shape())
+        pos = kv_req.pos
         q = Signal(vector_layout(b, self.dim))
-        k = Signal(vector_layout(b, self.kv_dim))
-        v = Signal(vector_layout(b, self.kv_dim))
-        m.d.comb += [kv_w.payload.pos.eq(pos), kv_w.payload.k.eq(k), kv_w.payload.v.eq(v)]
+        m.d.comb += kv_w.payload.eq(kv_req)
 
         # -- sweep: row t of pass p for head group g -----------------------------------------
         t = Signal(range(self._n_pos))
@@ -291,8 +299,9 @@ class Attention(wiring.Component):
                 m.d.comb += self.i.ready.eq(~self.o.valid | self.o.ready)
                 with m.If(self.i.valid & self.i.ready):
                     with m.If(self.i.payload.pos < self._n_pos):
-                        m.d.sync += [pos.eq(self.i.payload.pos), q.eq(self.i.payload.q),
-                                     k.eq(self.i.payload.k), v.eq(self.i.payload.v)]
+                        m.d.sync += [kv_req.pos.eq(self.i.payload.pos),
+                                     kv_req.k.eq(self.i.payload.k),
+                                     kv_req.v.eq(self.i.payload.v), q.eq(self.i.payload.q)]
                         m.next = "WRITE"
                     with m.Else():
                         m.d.sync += err.eq(1)
@@ -330,114 +339,155 @@ class Attention(wiring.Component):
         with m.If(done):
             m.d.sync += self.o.valid.eq(1)
 
-        def head_slice(vec, index):
-            return head_vec(vec.as_value()[index * hs * b:(index + 1) * hs * b])
+        def element(vec, index):
+            return vec.as_value()[index * b:(index + 1) * b].as_signed()
+
+        def select(vec, heads, d):
+            """Element ``d`` of head ``heads[g]`` of ``vec`` for the group index ``a.g``: a mux
+            per element, so each is used once and evaluated only inside its register's enable."""
+            elems = [element(vec, head * hs + d) for head in heads]
+            sel = elems[-1]
+            for grp in reversed(range(G - 1)):
+                sel = Mux(a["g"] == grp, elems[grp], sel)
+            return sel
+
+        # Every pipeline register below loads only behind its stage's valid (pass-2 stages
+        # behind valid & second): the value of a valid beat is unchanged, and a simulator
+        # evaluates a stage's logic only on the cycles it is used. Data registers are
+        # reset-less (their contents count only behind a valid bit, which is reset).
+        a2 = a["valid"] & a["second"]
+        b2v = bb["valid"] & bb["second"]
+        b1v = b1["valid"] & b1["second"]
+        b2w = b2["valid"] & b2["second"]
+        cv = c["valid"] & c["second"]
+        dv = dd["valid"] & dd["second"]
+        # rounding right shift of the output by s = shift0 + n (n: bit length of Z), at least
+        # s_lo: every quotient fits in the product's width less s_lo bits
+        shift0 = self._recip_frac - rb + self._out_shift
+        s_hi = shift0 + r["z"].width
+        s_lo = shift0 + rb
+        def clamp(value):
+            """``saturate(value, out_bits)`` with every mux operand already ``out_bits`` wide."""
+            ob = self._out_bits
+            if value.shape().width <= ob:
+                return saturate(value, ob)
+            lo, hi = -(1 << (ob - 1)), (1 << (ob - 1)) - 1
+            return Mux(value > hi, Const(hi, signed(ob)),
+                       Mux(value < lo, Const(lo, signed(ob)), value[:ob].as_signed()))
 
         for lane in range(H):
-            # stage A: select this lane's head (of group a.g) and its kv head; dot product
-            q_h, k_h, v_h = (Signal(head_vec, name=f"{x}{lane}") for x in "qkv")
-            with m.Switch(a["g"]):
-                for grp in range(G):
-                    head = grp * H + lane
-                    with m.Case(grp):
-                        m.d.comb += [q_h.eq(head_slice(q, head)),
-                                     k_h.eq(head_slice(kv_r.k, head // group_size)),
-                                     v_h.eq(head_slice(kv_r.v, head // group_size))]
-            score = Signal(r["score"], name=f"score{lane}")
-            m.d.comb += score.eq(sum(q_h[d] * k_h[d] for d in range(hs)))
-            b_s = Signal(r["score"], name=f"b_score{lane}")
-            b_v = Signal(head_vec, name=f"b_v{lane}")
-            m.d.sync += [b_s.eq(score), b_v.eq(v_h)]
+            heads = [grp * H + lane for grp in range(G)]
+            kv_heads = [head // group_size for head in heads]
+
+            # stage A: this lane's head (of group a.g) and its kv head; the dot product
+            b_s = Signal(r["score"], name=f"b_score{lane}", reset_less=True)
+            b_v = Signal(head_vec, name=f"b_v{lane}", reset_less=True)
+            with m.If(a["valid"]):
+                m.d.sync += b_s.eq(sum(select(q, heads, d) * select(kv_r.k, kv_heads, d)
+                                       for d in range(hs)))
+            with m.If(a2):
+                m.d.sync += [b_v[d].eq(select(kv_r.v, kv_heads, d)) for d in range(hs)]
 
             # stage B: pass 1 keeps the maximum; pass 2 registers the clamped score gap
-            top = Signal(r["score"], name=f"max{lane}")
+            top = Signal(r["score"], name=f"max{lane}", reset_less=True)
             with m.If(bb["valid"] & ~bb["second"]):
                 m.d.sync += top.eq(Mux(bb["first"] | (b_s > top), b_s, top))
-            b1_gap = Signal(range(dcap + 1), name=f"b1_gap{lane}")
-            m.d.sync += b1_gap.eq(Mux(top - b_s > dcap, dcap, top - b_s))
+            b1_gap = Signal(range(dcap + 1), name=f"b1_gap{lane}", reset_less=True)
+            with m.If(b2v):
+                m.d.sync += b1_gap.eq(Mux(top - b_s > dcap, dcap, top - b_s))
 
             # stage B1: the exp-table index of the gap (registered: the ROM address)
             index = rshift_round(b1_gap * self._exp_mult, self._exp_shift)
-            b2_index = Signal(range(self._exp_len), name=f"b2_index{lane}")
-            m.d.sync += b2_index.eq(Mux(index > self._exp_len - 1, self._exp_len - 1, index))
+            b2_index = Signal(range(self._exp_len), name=f"b2_index{lane}", reset_less=True)
+            with m.If(b1v):
+                m.d.sync += b2_index.eq(Mux(index > self._exp_len - 1, self._exp_len - 1,
+                                            index))
 
             # stage B2: exp ROM read
             exp_rd = exp_rom.read_port()
-            m.d.comb += [exp_rd.en.eq(1), exp_rd.addr.eq(b2_index)]
-            b1_v = Signal(head_vec, name=f"b1_v{lane}")
-            b2_v = Signal(head_vec, name=f"b2_v{lane}")
-            c_v = Signal(head_vec, name=f"c_v{lane}")
-            d_v = Signal(head_vec, name=f"d_v{lane}")
-            m.d.sync += [b1_v.eq(b_v), b2_v.eq(b1_v), c_v.eq(b2_v), d_v.eq(c_v)]
+            m.d.comb += [exp_rd.en.eq(b2w), exp_rd.addr.eq(b2_index)]
+            b1_v, b2_v, c_v, d_v = (Signal(head_vec, name=f"{x}_v{lane}", reset_less=True)
+                                    for x in ("b1", "b2", "c", "d"))
+            for dst, src, en in ((b1_v, b_v, b2v), (b2_v, b1_v, b1v), (c_v, b2_v, b2w),
+                                 (d_v, c_v, cv)):
+                with m.If(en):
+                    m.d.sync += dst.eq(src)
 
             # stage C: the exp ROM data, registered
-            e = Signal.like(exp_rd.data, name=f"d_e{lane}")
-            m.d.sync += e.eq(exp_rd.data)
+            e = Signal.like(exp_rd.data, name=f"d_e{lane}", reset_less=True)
+            with m.If(cv):
+                m.d.sync += e.eq(exp_rd.data)
 
             # stage D: accumulate Z and acc; the group's last row also hands them to F
-            z = Signal(r["z"], name=f"z{lane}")
-            acc = Signal(data.ArrayLayout(r["acc"], hs), name=f"acc{lane}")
-            z_next = Signal(r["z"], name=f"z_next{lane}")
-            acc_next = Signal(data.ArrayLayout(r["acc"], hs), name=f"acc_next{lane}")
-            m.d.comb += z_next.eq(Mux(dd["first"], 0, z) + e)
-            m.d.comb += [acc_next[d].eq(Mux(dd["first"], 0, acc[d]) + e * d_v[d])
-                         for d in range(hs)]
-            f_z = Signal(r["z"], name=f"f_z{lane}")
-            f_acc = Signal(data.ArrayLayout(r["acc"], hs), name=f"f_acc{lane}")
-            with m.If(dd["valid"] & dd["second"]):
-                m.d.sync += [z.eq(z_next), acc.eq(acc_next)]
+            z = Signal(r["z"], name=f"z{lane}", reset_less=True)
+            acc = [Signal(r["acc"], name=f"acc{lane}_{d}", reset_less=True) for d in range(hs)]
+            f_z = Signal(r["z"], name=f"f_z{lane}", reset_less=True)
+            f_acc = [Signal(r["acc"], name=f"f_acc{lane}_{d}", reset_less=True)
+                     for d in range(hs)]
+            z_next = Mux(dd["first"], 0, z) + e
+            acc_next = [Mux(dd["first"], 0, acc[d]) + e * d_v[d] for d in range(hs)]
+            with m.If(dv):
+                m.d.sync += [z.eq(z_next)] + [x.eq(y) for x, y in zip(acc, acc_next)]
                 with m.If(dd["last"]):
-                    m.d.sync += [f_z.eq(z_next), f_acc.eq(acc_next)]
+                    m.d.sync += [f_z.eq(z_next)] + [x.eq(y) for x, y in zip(f_acc, acc_next)]
 
             # stage F0: bit length n of Z, reciprocal of its leading recip_bits bits
-            n = Signal(range(r["z"].width + 1), name=f"n{lane}")
-            for bit in range(r["z"].width):
-                with m.If(f_z[bit]):
-                    m.d.comb += n.eq(bit + 1)
+            # (n is built once per use: each copy is evaluated only behind its own enable, the
+            # synthesis merges them)
+            def bit_length(value):
+                n = Const(0, range(value.shape().width + 1))
+                for bit in range(value.shape().width):
+                    n = Mux(value[bit], bit + 1, n)
+                return n
+            n_bits = Shape.cast(range(r["z"].width + 1)).width
             recip_rd = recip_rom.read_port()
-            mant = f_z >> (n - rb)[:len(n)]
-            m.d.comb += recip_rd.en.eq(1)
+            m.d.comb += recip_rd.en.eq(fv[0])
             if rb > 1:
+                mant = f_z >> (bit_length(f_z) - rb)[:n_bits]
                 m.d.comb += recip_rd.addr.eq(mant[:rb - 1])
-            f1_n = Signal.like(n, name=f"f1_n{lane}")
-            m.d.sync += f1_n.eq(n)
+            f1_n = Signal(range(r["z"].width + 1), name=f"f1_n{lane}", reset_less=True)
+            with m.If(fv[0]):
+                m.d.sync += f1_n.eq(bit_length(f_z))
 
             # stage F1: the ROM data and acc registered (f_acc may change before F2)
-            f2_recip = Signal.like(recip_rd.data, name=f"f2_recip{lane}")
-            f2_acc = Signal.like(f_acc, name=f"f2_acc{lane}")
-            shift0 = self._recip_frac - rb + self._out_shift
-            shift = Signal(range(shift0 + r["z"].width + 1), name=f"out_shift{lane}")
-            m.d.sync += shift.eq(shift0 + f1_n)
+            f2_recip = Signal.like(recip_rd.data, name=f"f2_recip{lane}", reset_less=True)
+            f2_acc = [Signal(r["acc"], name=f"f2_acc{lane}_{d}", reset_less=True)
+                      for d in range(hs)]
+            shift = Signal(range(s_hi + 1), name=f"out_shift{lane}", reset_less=True)
             with m.If(fv[1]):
-                m.d.sync += [f2_recip.eq(recip_rd.data), f2_acc.eq(f_acc)]
+                m.d.sync += [shift.eq(shift0 + f1_n), f2_recip.eq(recip_rd.data)]
+                m.d.sync += [x.eq(y) for x, y in zip(f2_acc, f_acc)]
 
             # stage F2: the products acc * recip (registered)
             prod_shape = (f2_acc[0] * f2_recip).shape()
-            f3_p = Signal(data.ArrayLayout(prod_shape, hs), name=f"f3_p{lane}")
-            f3_shift = Signal.like(shift, name=f"f3_shift{lane}")
-            m.d.sync += f3_shift.eq(shift)
+            f3_p = [Signal(prod_shape, name=f"f3_p{lane}_{d}", reset_less=True)
+                    for d in range(hs)]
+            f3_shift = Signal.like(shift, name=f"f3_shift{lane}", reset_less=True)
             with m.If(fv[2]):
-                m.d.sync += [f3_p[d].eq(f2_acc[d] * f2_recip) for d in range(hs)]
+                m.d.sync += [f3_shift.eq(shift)] + [f3_p[d].eq(f2_acc[d] * f2_recip)
+                                                    for d in range(hs)]
 
-            # stages F3, F4: rounding right shift by recip_frac + n - recip_bits + out_shift
-            # (rshift_round_var), the rounding add and the shift registered apart
-            half = (Const(1, unsigned(1)) << f3_shift) >> 1
-            f4_r = Signal(data.ArrayLayout((f3_p[0] + half).shape(), hs), name=f"f4_r{lane}")
-            f4_shift = Signal.like(shift, name=f"f4_shift{lane}")
-            m.d.sync += f4_shift.eq(f3_shift)
+            # stages F3, F4: rounding right shift by s = recip_frac + n - recip_bits + out_shift
+            # (rshift_round_var), the rounding add and the shift registered apart; the
+            # rounding constant 2**(s-1) only as wide as s can need
+            half = (Const(1, unsigned(1)) << f3_shift)[1:s_hi + 1]     # 2**(s-1), 0 if s = 0
+            f4_r = [Signal((f3_p[0] + half).shape(), name=f"f4_r{lane}_{d}", reset_less=True)
+                    for d in range(hs)]
+            f4_shift = Signal.like(shift, name=f"f4_shift{lane}", reset_less=True)
             with m.If(fv[3]):
-                m.d.sync += [f4_r[d].eq(f3_p[d] + half) for d in range(hs)]
-            f5_q = Signal(data.ArrayLayout((f4_r[0] >> f4_shift).shape(), hs),
-                          name=f"f5_q{lane}")
+                m.d.sync += [f4_shift.eq(f3_shift)] + [f4_r[d].eq(f3_p[d] + half)
+                                                       for d in range(hs)]
+            q_bits = max(self._out_bits, f4_r[0].shape().width - max(0, s_lo))
+            f5_q = [Signal(signed(q_bits), name=f"f5_q{lane}_{d}", reset_less=True)
+                    for d in range(hs)]
             with m.If(fv[4]):
                 m.d.sync += [f5_q[d].eq(f4_r[d] >> f4_shift) for d in range(hs)]
 
             # stage F5: saturate into the head's slot of the output
             with m.If(fv[5]):
                 with m.Switch(fg[5]):
-                    for grp in range(G):
-                        head = grp * H + lane
+                    for grp, head in enumerate(heads):
                         with m.Case(grp):
-                            m.d.sync += [out[head * hs + d].eq(saturate(f5_q[d], self._out_bits))
+                            m.d.sync += [out[head * hs + d].eq(clamp(f5_q[d]))
                                          for d in range(hs)]
         return m
