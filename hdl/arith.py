@@ -8,7 +8,7 @@ from amaranth.hdl import Cat, Const, Mux, Shape, signed, unsigned, Value
 from amaranth.lib import data
 
 __all__ = ["rshift_round", "rshift_round_var", "saturate", "signed_range", "bits_for",
-           "vector_layout", "pos_shape"]
+           "vector_layout", "exp_vector_layout", "pos_shape"]
 
 
 def signed_range(bits):
@@ -51,6 +51,17 @@ def saturate(v, bits):
 def vector_layout(bits, length, *, is_signed=True):
     """Payload layout of a whole vector: element 0 in the least significant bits."""
     return data.ArrayLayout(signed(bits) if is_signed else unsigned(bits), length)
+
+
+def exp_vector_layout(bits, length, exp_max):
+    """Payload of a whole vector with a power-of-two exponent ``k`` in ``0..exp_max`` (the
+    SwiGLU output / W2 input, ``numerics.swiglu_exp``): a struct of ``vec``
+    (``vector_layout(bits, length)``, the low bits) and ``k`` (unsigned) above it; with
+    ``exp_max = 0`` just ``vector_layout(bits, length)``."""
+    if exp_max == 0:
+        return vector_layout(bits, length)
+    return data.StructLayout({"vec": vector_layout(bits, length),
+                              "k": unsigned(exp_max.bit_length())})
 
 
 def pos_shape(n_pos):

@@ -15,8 +15,8 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, saturate, vector_layout
-from .matvec import MatVecUnit, exp_vector_layout
+from .arith import bits_for, exp_vector_layout, saturate, vector_layout
+from .matvec import MatVecUnit
 
 __all__ = ["lora_write_signature", "section_layout", "LoraUnit", "LoraProjection"]
 

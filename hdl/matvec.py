@@ -9,14 +9,14 @@ import operator
 
 import numpy as np
 from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, rshift_round, saturate, vector_layout
+from .arith import bits_for, exp_vector_layout, rshift_round, saturate, vector_layout
 
-__all__ = ["MatVecUnit", "exp_vector_layout"]
+__all__ = ["MatVecUnit"]
 
 #: Requantizer multipliers are unsigned and below this bound (one 18x18 multiplier operand).
 MULT_LIMIT = 1 << 17
@@ -31,17 +31,6 @@ def _int_array(name, value, ndim):
     if a.size and not np.issubdtype(a.dtype, np.integer):
         raise ValueError(f"{name} must hold integers, not {a.dtype}")
     return a.astype(np.int64)
-
-
-def exp_vector_layout(bits, length, exp_max):
-    """Payload of a whole vector with a power-of-two exponent ``k`` in ``0..exp_max`` (the
-    SwiGLU output / W2 input, ``numerics.swiglu_exp``): a struct of ``vec``
-    (``vector_layout(bits, length)``, the low bits) and ``k`` (unsigned) above it; with
-    ``exp_max = 0`` just ``vector_layout(bits, length)``."""
-    if exp_max == 0:
-        return vector_layout(bits, length)
-    return data.StructLayout({"vec": vector_layout(bits, length),
-                              "k": unsigned(exp_max.bit_length())})
 
 
 def _tree_sum(values):

@@ -7,8 +7,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, rshift_round, saturate, signed_range, vector_layout
-from .matvec import exp_vector_layout
+from .arith import bits_for, exp_vector_layout, rshift_round, saturate, signed_range, vector_layout
 
 __all__ = ["SwiGLU"]
 
@@ -35,7 +34,7 @@ class SwiGLU(wiring.Component):
     vector, a further cycle turns them into the exponent ``k`` (the smallest in ``0..E`` with
     every ``|rshift_round(wide, k)| <= 2**(out_bits-1) - 1``, else ``E``), and the output is
     ``sat(rshift_round(wide, k), out_bits)`` per element (an ``E+1``-way choice) with ``k``
-    beside it in the payload (:func:`~.matvec.exp_vector_layout`): two cycles more.
+    beside it in the payload (:func:`~.arith.exp_vector_layout`): two cycles more.
 
     Parameters
     ----------
