@@ -49,12 +49,18 @@ class GoldenModel:
                              e.requant.out_bits)
 
     def _matmul(self, layer, m, a, trace, *, k=0, exp_max=0):
-        """One layer matrix (:class:`~.quantize.QMatrix` ``m``) applied to input ``a``; the
-        hook a LoRA-extended golden model overrides. ``a`` in units of ``S_in * 2**(k -
+        """One layer matrix (:class:`~.quantize.QMatrix` ``m``) applied to input ``a``: the
+        accumulator of :meth:`_accumulate`, requantized. ``a`` in units of ``S_in * 2**(k -
         exp_max)`` (W2: the SwiGLU exponent) makes the requantizer shift ``shift + exp_max -
         k``."""
         r = m.requant
-        return nx.requantize(nx.matvec(m.q, a), r.mult, r.shift + exp_max - k, r.out_bits)
+        acc = self._accumulate(layer, m, a, trace, k=k, exp_max=exp_max)
+        return nx.requantize(acc, r.mult, r.shift + exp_max - k, r.out_bits)
+
+    def _accumulate(self, layer, m, a, trace, *, k=0, exp_max=0):
+        """The int accumulator ``m.q @ a`` of layer ``layer``'s matrix ``m``: the hook a
+        LoRA-extended golden model overrides to add its correction."""
+        return nx.matvec(m.q, a)
 
     def step(self, token, pos=None, *, trace=None):
         """Feed one token at ``pos`` (default: the running position); return int logits."""

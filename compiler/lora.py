@@ -615,9 +615,10 @@ class LoraGoldenModel(GoldenModel):
         self.qlora = qlora
         self._trace = None
 
-    def _matmul(self, layer, m, a, trace=None, *, k=0, exp_max=0):
-        """Requantized ``m @ a`` plus the LoRA correction of ``layers.{layer}.{m.name}``
-        (``k``, ``exp_max``: the input's exponent, see :func:`lora_delta`)."""
+    def _accumulate(self, layer, m, a, trace=None, *, k=0, exp_max=0):
+        """``m @ a`` plus the LoRA correction of ``layers.{layer}.{m.name}`` (``k``,
+        ``exp_max``: the input's exponent, see :func:`lora_delta`); the base model
+        requantizes it."""
         acc = nx.matvec(m.q, a)
         lm = self.qlora.get(layer, m.name)
         if lm is not None:
@@ -627,8 +628,7 @@ class LoraGoldenModel(GoldenModel):
             if trace is not None:
                 trace[f"L{layer}.{m.name}.lora_u"] = t["u"]
                 trace[f"L{layer}.{m.name}.lora_delta"] = t["delta"]
-        r = m.requant
-        return nx.requantize(acc, r.mult, r.shift + exp_max - k, r.out_bits)
+        return acc
 
     def step(self, token, pos=None, *, trace=None):
         self._trace = trace
