@@ -353,7 +353,7 @@ def predict_cycles(qm, plan, pos):
     c = qm.config
     if not 0 <= pos < c.seq_len:
         raise ValueError(f"pos ({pos}) must lie in [0, seq_len = {c.seq_len})")
-    norm = 2 * (c.dim // plan.norm_lanes) + 8
+    norm = 2 * (c.dim // plan.norm_lanes) + 9
     rope = {n: n // (2 * plan.rope_lanes) + 4 for n in (c.dim, c.kv_dim)}
     out = {"embed": c.dim // plan.embed_lanes + 3}
     for i in range(c.n_layers):
