@@ -353,8 +353,8 @@ def predict_cycles(qm, plan, pos):
     c = qm.config
     if not 0 <= pos < c.seq_len:
         raise ValueError(f"pos ({pos}) must lie in [0, seq_len = {c.seq_len})")
-    norm = 2 * (c.dim // plan.norm_lanes) + 8
-    rope = {n: n // (2 * plan.rope_lanes) + 2 for n in (c.dim, c.kv_dim)}
+    norm = 2 * (c.dim // plan.norm_lanes) + 9
+    rope = {n: n // (2 * plan.rope_lanes) + 4 for n in (c.dim, c.kv_dim)}
     out = {"embed": c.dim // plan.embed_lanes + 3}
     for i in range(c.n_layers):
         f = plan.layer(i)
@@ -362,7 +362,7 @@ def predict_cycles(qm, plan, pos):
             f"L{i}.attn_norm": norm,
             f"L{i}.qkv": max(f["wq"].cycles() + rope[c.dim], f["wk"].cycles() + rope[c.kv_dim],
                              f["wv"].cycles()),
-            f"L{i}.attention": 2 * (c.n_heads // plan.head_lanes) * (pos + 1) + 14,
+            f"L{i}.attention": 2 * (c.n_heads // plan.head_lanes) * (pos + 1) + 15,
             f"L{i}.wo": f["wo"].cycles(),
             f"L{i}.attn_res": 1,
             f"L{i}.ffn_norm": norm,

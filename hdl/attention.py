@@ -59,8 +59,8 @@ class Attention(wiring.Component):
     ``n_heads // head_lanes`` head groups take turns. For each group the cache is swept twice,
     one row per cycle: pass 1 finds the maximum score, pass 2 recomputes the scores, looks up
     ``e_t`` and accumulates ``Z`` and ``acc``. A row's pass-2 pipeline is registered at every
-    stage: the row read, the score, the clamped gap ``max - s_t``, the exp-table index (the
-    ROM address), the ROM read, its data registered (before the ``e_t * v_t`` products),
+    stage: the row read, the score, the clamped gap ``max - s_t``, its product by
+    ``exp_mult``, the exp-table index (the ROM address), the ROM read, its data registered (before the ``e_t * v_t`` products),
     the accumulators. The sweeps of successive groups follow back to back; each group's
     reciprocal and output scaling (six pipelined cycles: leading-one detection and ROM read,
     the registered ROM data, the products, the rounding add, the shift, the saturation)
@@ -221,12 +221,12 @@ class Attention(wiring.Component):
     def latency(self, pos):
         """Cycles from the input transfer at ``pos`` to the first cycle ``o.valid`` is high
         (``o`` ready: the cycles to the output transfer): the input register and the cache
-        write (2), two sweeps of ``pos + 1`` rows per head group, then twelve registers (row
-        read, score, clamped gap, exp-table index, exp ROM read, its data, accumulator,
+        write (2), two sweeps of ``pos + 1`` rows per head group, then thirteen registers (row
+        read, score, clamped gap, its ``exp_mult`` product, exp-table index, exp ROM read, its data, accumulator,
         reciprocal ROM read, its data, product, rounding add, shift) and the output."""
         if not 0 <= pos < self._n_pos:
             raise ValueError(f"pos ({pos}) must lie in [0, n_pos = {self._n_pos})")
-        return 2 * self.head_groups * (pos + 1) + 14
+        return 2 * self.head_groups * (pos + 1) + 15
 
     def initiation_interval(self, pos):
         """Cycles from the input transfer at ``pos`` to the next input transfer, with ``i``
@@ -282,15 +282,16 @@ class Attention(wiring.Component):
         issue = Signal()
         m.d.comb += [kv_r.addr.eq(t), kv_r.en.eq(issue)]
 
-        # pipeline stage registers: A (rows arrive), B (scores), B1 (clamped gaps), B2 (exp
-        # table indices, the ROM address), C (exp ROM data), D (the data registered)
+        # pipeline stage registers: A (rows arrive), B (scores), B1 (clamped gaps), BP (their
+        # exp_mult products), B2 (exp table indices, the ROM address), C (exp ROM data), D
+        # (the data registered)
         def beat(name):
             return {f: Signal(shape, name=f"{name}_{f}") for f, shape in
                     (("valid", 1), ("second", 1), ("first", 1), ("last", 1), ("g", range(G)))}
-        a, bb, b1, b2, c, dd = (beat(x) for x in ("a", "b", "b1", "b2", "c", "d"))
+        a, bb, b1, bp, b2, c, dd = (beat(x) for x in ("a", "b", "b1", "bp", "b2", "c", "d"))
         m.d.sync += [a["valid"].eq(issue), a["second"].eq(second), a["first"].eq(t == 0),
                      a["last"].eq(t == pos), a["g"].eq(g)]
-        for dst, src in ((bb, a), (b1, bb), (b2, b1), (c, b2), (dd, c)):
+        for dst, src in ((bb, a), (b1, bb), (bp, b1), (b2, bp), (c, b2), (dd, c)):
             m.d.sync += [dst[f].eq(src[f]) for f in dst]
 
         done = Signal()     # the last group's output is written this cycle
@@ -358,6 +359,7 @@ class Attention(wiring.Component):
         a2 = a["valid"] & a["second"]
         b2v = bb["valid"] & bb["second"]
         b1v = b1["valid"] & b1["second"]
+        bpv = bp["valid"] & bp["second"]
         b2w = b2["valid"] & b2["second"]
         cv = c["valid"] & c["second"]
         dv = dd["valid"] & dd["second"]
@@ -396,20 +398,27 @@ class Attention(wiring.Component):
             with m.If(b2v):
                 m.d.sync += b1_gap.eq(Mux(top - b_s > dcap, dcap, top - b_s))
 
-            # stage B1: the exp-table index of the gap (registered: the ROM address)
-            index = rshift_round(b1_gap * self._exp_mult, self._exp_shift)
-            b2_index = Signal(range(self._exp_len), name=f"b2_index{lane}", reset_less=True)
+            # stage B1: the gap's product by exp_mult (a constant: LUT adders), registered
+            product = b1_gap * self._exp_mult
+            bp_prod = Signal.like(product, name=f"bp_prod{lane}", reset_less=True)
             with m.If(b1v):
+                m.d.sync += bp_prod.eq(product)
+
+            # stage BP: the exp-table index of the gap (registered: the ROM address)
+            index = rshift_round(bp_prod, self._exp_shift)
+            b2_index = Signal(range(self._exp_len), name=f"b2_index{lane}", reset_less=True)
+            with m.If(bpv):
                 m.d.sync += b2_index.eq(Mux(index > self._exp_len - 1, self._exp_len - 1,
                                             index))
 
             # stage B2: exp ROM read
             exp_rd = exp_rom.read_port()
             m.d.comb += [exp_rd.en.eq(b2w), exp_rd.addr.eq(b2_index)]
-            b1_v, b2_v, c_v, d_v = (Signal(head_vec, name=f"{x}_v{lane}", reset_less=True)
-                                    for x in ("b1", "b2", "c", "d"))
-            for dst, src, en in ((b1_v, b_v, b2v), (b2_v, b1_v, b1v), (c_v, b2_v, b2w),
-                                 (d_v, c_v, cv)):
+            b1_v, bp_v, b2_v, c_v, d_v = (Signal(head_vec, name=f"{x}_v{lane}",
+                                                 reset_less=True)
+                                          for x in ("b1", "bp", "b2", "c", "d"))
+            for dst, src, en in ((b1_v, b_v, b2v), (bp_v, b1_v, b1v), (b2_v, bp_v, bpv),
+                                 (c_v, b2_v, b2w), (d_v, c_v, cv)):
                 with m.If(en):
                     m.d.sync += dst.eq(src)
 

@@ -134,9 +134,9 @@ class RMSNorm(wiring.Component):
 
     def latency(self):
         """Cycles from the input transfer to the first cycle ``o.valid`` is high:
-        ``2 * dim / lanes + 8`` (pass 1, accumulate, leading one, table read, pass 2, four
+        ``2 * dim / lanes + 9`` (pass 1, accumulate, leading one, table read, pass 2, five
         pipeline stages)."""
-        return 2 * (self._dim // self._lanes) + 8
+        return 2 * (self._dim // self._lanes) + 9
 
     def initiation_interval(self):
         """Cycles between input transfers with the input always valid and ``o`` always ready
@@ -198,18 +198,19 @@ class RMSNorm(wiring.Component):
         m.d.comb += rsqrt_rd.addr.eq((acc >> s_even)[:self._rsqrt_bits])
 
         # pass 2: x * gain (stage 1), * r (stage 2), + the rounding constant (stage 3),
-        # variable shift + saturate into o (stage 4): the rounding add and the shift are
-        # registered apart (Fmax: the add's carry chain and the shifter in one cycle were
-        # the chip's critical path)
+        # variable shift (stage 4), saturate into o (stage 5): the rounding add, the shift
+        # and the saturation are registered apart (Fmax: the add's carry chain and the
+        # shifter in one cycle, then the shifter and the saturation, were the chip's
+        # critical path)
         cnt = Signal(range(chunks))
-        issue, v1, v2, v3, v4 = Signal(), Signal(), Signal(), Signal(), Signal()
+        issue, v1, v2, v3, v4, v5 = (Signal() for _ in range(6))
         xk = Signal(in_chunk)
         p1 = [Signal(signed(in_bits + g_bits)) for _ in range(lanes)]
         p2 = [Signal(signed(in_bits + g_bits + r_bits + 1)) for _ in range(lanes)]
         p3_bits = max(in_bits + g_bits + r_bits + 1, len(out_half) + 1) + 1    # no overflow
         p3 = [Signal(signed(p3_bits)) for _ in range(lanes)]
         m.d.comb += [gain_rd.addr.eq(cnt), gain_rd.en.eq(issue)]
-        m.d.sync += [v1.eq(issue), v2.eq(v1), v3.eq(v2), v4.eq(v3)]
+        m.d.sync += [v1.eq(issue), v2.eq(v1), v3.eq(v2), v4.eq(v3), v5.eq(v4)]
         with m.If(issue):
             m.d.sync += [xk.eq(x_low), x.eq(rotate)]
         with m.If(v1):
@@ -218,8 +219,12 @@ class RMSNorm(wiring.Component):
             m.d.sync += [p2[k].eq(p1[k] * rsqrt_rd.data) for k in range(lanes)]
         with m.If(v3):
             m.d.sync += [p3[k].eq(p2[k] + out_half) for k in range(lanes)]
+        # out_shift >= base, so the shifted value fits p3_bits - base bits
+        p4 = [Signal(signed(max(2, p3_bits - base))) for _ in range(lanes)]
         with m.If(v4):
-            y = Cat(saturate(p3[k] >> out_shift, self._out_bits) for k in range(lanes))
+            m.d.sync += [p4[k].eq(p3[k] >> out_shift) for k in range(lanes)]
+        with m.If(v5):
+            y = Cat(saturate(p4[k], self._out_bits) for k in range(lanes))
             o_bits = self.o.payload.as_value()
             m.d.sync += o_bits.eq(Cat(o_bits[lanes * self._out_bits:], y))
 
@@ -256,7 +261,7 @@ class RMSNorm(wiring.Component):
                     m.d.sync += cnt.eq(0)
                     m.next = "DRAIN"
             with m.State("DRAIN"):
-                with m.If(v4 & ~v3):    # the last chunk is being written
+                with m.If(v5 & ~v4):    # the last chunk is being written
                     m.next = "OUT"
             with m.State("OUT"):
                 m.d.comb += [self.o.valid.eq(1), self.i.ready.eq(self.o.ready)]

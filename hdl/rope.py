@@ -10,10 +10,15 @@ from amaranth.lib.wiring import In, Out
 
 from .arith import bits_for, pos_shape, rshift_round, saturate, vector_layout
 
-__all__ = ["RoPE", "RoPETable", "rope_table_signature"]
+__all__ = ["PIPELINE", "RoPE", "RoPETable", "rope_table_signature"]
 
 #: Widest multiplier operand of the target (ECP5 ``MULT18X18D``).
 _MUL_BITS = 18
+
+#: Registered stages behind a chunk's ROM word: the four products of a pair (the multipliers'
+#: outputs registered), the sum and the rounding add (``rshift_round`` before the shift, which
+#: is wiring), the saturation into the output register.
+PIPELINE = 3
 
 
 def _table(name, table, columns):
@@ -179,13 +184,14 @@ class RoPE(wiring.Component):
     def latency(self):
         """Cycles from the input transfer to the first cycle ``o.valid`` is high (``o`` ready:
         the cycles to the output transfer): the input register, ``chunks`` ROM reads, and
-        the output register behind the last one."""
-        return self.chunks + 2
+        behind the last one the :data:`PIPELINE` stages (products; sum and rounding add;
+        saturation into the output register)."""
+        return self.chunks + 1 + PIPELINE
 
     def initiation_interval(self):
         """Cycles between input transfers with ``i`` always valid and ``o`` always ready (a new
         vector is accepted in the cycle the previous result is taken)."""
-        return self.chunks + 2
+        return self.chunks + 1 + PIPELINE
 
     def _rom_layout(self):
         """``(w, words_per_pos, word_of_phase, column_of_phase_lane, phases)``."""
@@ -210,7 +216,7 @@ class RoPE(wiring.Component):
                                                    init=self.table_init())
             rd = rom.read_port()
 
-        busy = Signal()                           # a vector is being rotated
+        busy = Signal()                           # a vector is in the unit (reads + pipeline)
         chunk = Signal(range(self.chunks + 1))    # chunks whose ROM word has been requested
         phase = Signal(range(phases))             # chunk % phases (the column pattern)
         base = Signal(range(self.table_depth))    # first ROM word of this position
@@ -246,7 +252,10 @@ class RoPE(wiring.Component):
             if phases > 1:
                 m.d.sync += phase.eq(Mux(phase == phases - 1, 0, phase + 1))
 
-        results = []
+        step = 2 * lanes * bits                   # vector bits per chunk (lanes pairs)
+
+        # stage 1 (rot: the chunk's ROM word is on rd.data): the four products of each pair
+        prod = []
         for lane in range(lanes):
             a, b = vec[2 * lane], vec[2 * lane + 1]
             cols = [col_of[ph][lane] for ph in range(phases)]
@@ -255,15 +264,31 @@ class RoPE(wiring.Component):
             else:
                 c = Array(rd.data.cos[j] for j in cols)[rot_phase]
                 s = Array(rd.data.sin[j] for j in cols)[rot_phase]
-            results.append(saturate(rshift_round(a * c - b * s, frac), bits))
-            results.append(saturate(rshift_round(a * s + b * c, frac), bits))
-        step = 2 * lanes * bits
+            for name, x in (("ac", a * c), ("bs", b * s), ("as", a * s), ("bc", b * c)):
+                p = Signal.like(x, name=f"p_{name}{lane}")
+                m.d.sync += p.eq(x)
+                prod.append(p)
+        p_valid, p_last = Signal(), Signal()
+        m.d.sync += [p_valid.eq(rot), p_last.eq(rot & rot_last)]
         with m.If(rot):
-            m.d.sync += [
-                vec.as_value().eq(vec.as_value() >> step),
-                out.as_value().eq(Cat(out.as_value()[step:], *results)),
-            ]
-            with m.If(rot_last):
+            m.d.sync += vec.as_value().eq(vec.as_value() >> step)
+
+        # stage 2: sum or difference and the rounding add; the shift is wiring
+        rounded = []
+        for lane in range(lanes):
+            ac, bs, as_, bc = prod[4 * lane:4 * lane + 4]
+            for k, x in enumerate((rshift_round(ac - bs, frac), rshift_round(as_ + bc, frac))):
+                r = Signal.like(x, name=f"r{lane}_{'ab'[k]}")
+                m.d.sync += r.eq(x)
+                rounded.append(r)
+        r_valid, r_last = Signal(), Signal()
+        m.d.sync += [r_valid.eq(p_valid), r_last.eq(p_valid & p_last)]
+
+        # stage 3: saturation into the output register (results shift in from the top)
+        with m.If(r_valid):
+            m.d.sync += out.as_value().eq(
+                Cat(out.as_value()[step:], *(saturate(r, bits) for r in rounded)))
+            with m.If(r_last):
                 m.d.sync += [busy.eq(0), self.o.valid.eq(1)]
         return m
 

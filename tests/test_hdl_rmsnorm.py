@@ -85,7 +85,7 @@ def stories_norm(which, lanes):
 @pytest.mark.parametrize("which, lanes", [("attn", 4), ("ffn", 1), ("final", 8)])
 def test_stories260k(which, lanes):
     dut, x, expect = stories_norm(which, lanes)
-    assert dut.latency() == dut.initiation_interval() == 2 * 64 // lanes + 8
+    assert dut.latency() == dut.initiation_interval() == 2 * 64 // lanes + 9
     run(dut, x, expect)
     run(dut, x, expect, valid_prob=0.7, ready_prob=0.6)
 
