@@ -12,15 +12,23 @@ Gradients come from the ``autograd`` package (numpy only); everything is seeded.
 
 from dataclasses import dataclass
 
-import numpy as np
 import autograd.numpy as anp
+import numpy as np
 from autograd import grad
-from autograd.extend import primitive, defvjp
+from autograd.extend import defvjp, primitive
 
 from .reference import FloatModel, rope_cos_sin
 
-__all__ = ["QatConfig", "act_scales", "distill_tokens", "forward", "fake_quant",
-           "distill_loss", "finetune", "MATRICES"]
+__all__ = [
+    "MATRICES",
+    "QatConfig",
+    "act_scales",
+    "distill_loss",
+    "distill_tokens",
+    "fake_quant",
+    "finetune",
+    "forward",
+]
 
 MATRICES = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
 
@@ -61,7 +69,8 @@ def distill_tokens(model, cfg):
     out = np.zeros((cfg.n_seqs, n), dtype=np.int64)
     for s in range(cfg.n_seqs):
         fm.reset()
-        seq = [1, int(rng.integers(3, c.vocab_size))]
+        # ids 0-2 are special, unless the vocabulary is that small
+        seq = [1, int(rng.integers(3 if c.vocab_size > 3 else 0, c.vocab_size))]
         for pos in range(n - 1):
             logits = fm.step(seq[pos], pos).astype(np.float64)
             if pos + 1 < len(seq):
@@ -121,7 +130,7 @@ def forward(params, tokens, config, *, wq=None, aq=None):
     x = emb[tokens.reshape(-1)]                              # (B*T, dim)
     for i in range(c.n_layers):
         p = f"layers.{i}."
-        W = lambda n: wq(p + n, params[p + n])  # noqa: E731
+        W = lambda n, p=p: wq(p + n, params[p + n])
         xn = aq(f"L{i}.attn_norm", _rmsnorm(x, params[p + "attention_norm"], c.norm_eps))
         q = _rope(anp.matmul(xn, W("wq").T), cos, sin)
         k = _rope(anp.matmul(xn, W("wk").T), cos[:, :kh], sin[:, :kh])

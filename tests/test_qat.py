@@ -5,14 +5,21 @@ import json
 import numpy as np
 import pytest
 from autograd import grad
-
-from hardwire.cli import main
 from hardwire.compiler.loaders.llama2c import save_llama2c
 from hardwire.compiler.loaders.random import random_model
-from hardwire.compiler.qat import (QatConfig, act_scales, distill_loss, distill_tokens,
-                                   fake_quant, finetune, forward)
+from hardwire.compiler.qat import (
+    QatConfig,
+    act_scales,
+    distill_loss,
+    distill_tokens,
+    fake_quant,
+    finetune,
+    forward,
+)
 from hardwire.compiler.quantize import quantize_model
 from hardwire.compiler.reference import FloatModel
+
+from hardwire.cli import main
 
 QUICK = QatConfig(steps=30, lr=3e-3, batch=4, n_seqs=8, seq_len=16, seed=3)
 
