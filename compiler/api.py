@@ -200,9 +200,9 @@ def format_cycles(result):
             f"{result['clock_mhz']:g} MHz]")
 
 
-def quantize_summary(path, *, wbits="8", seq_len=None):
+def quantize_summary(path, *, wbits="8", seq_len=None, qat=False):
     m = load_model(path, seq_len=seq_len)
-    qm = quantize_model(m, wbits=wbits)
+    qm = quantize_model(m, wbits=wbits, qat=qat)
     rom = qm.rom_bits()
     return {"model": m.name, "wbits": qm.wbits, "label": wbits_label(qm.wbits),
             "rom_bits": int(sum(rom.values())), "resid_frac": qm.resid_frac,
@@ -224,11 +224,13 @@ def _log_softmax(x):
     return x - math.log(np.exp(x).sum())
 
 
-def quality_report(path, *, wbits="8", tokenizer=None, n=128, seq_len=None, prompts=None):
+def quality_report(path, *, wbits="8", tokenizer=None, n=128, seq_len=None, prompts=None,
+                   qat=False):
     """Float greedy runs from several prompts, then the golden model teacher-forced on them.
 
     Reports top-1 agreement (golden argmax == float argmax at every position) and the
-    cross-entropy of each engine on the float model's own continuation.
+    cross-entropy of each engine on the float model's own continuation. ``qat``: quantize
+    with distillation fine-tuning (:func:`~.quantize.quantize_model`).
     """
     from .golden import GoldenModel
     from .reference import FloatModel, generate_greedy
@@ -242,7 +244,7 @@ def quality_report(path, *, wbits="8", tokenizer=None, n=128, seq_len=None, prom
         rng = np.random.default_rng(1)
         starts = [[BOS]] + [[BOS, int(t)] for t in rng.integers(3, m.config.vocab_size, 4)]
     t0 = time.perf_counter()
-    qm = quantize_model(m, wbits=wbits)
+    qm = quantize_model(m, wbits=wbits, qat=qat)
     t_quant = time.perf_counter() - t0
     per_prompt = []
     tot_agree = tot_n = 0

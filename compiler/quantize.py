@@ -407,7 +407,7 @@ def _qnorm(gain, dim, out_scale, resid_frac, norm_eps, *, what):
 
 
 def quantize_model(model, *, wbits=8, numerics=None, calib_tokens=None, calibration=None,
-                   method="gptq-clip"):
+                   method="gptq-clip", qat=None, row_scales=None):
     """Quantize a :class:`~.model.LlamaModel` into a :class:`QuantizedModel`.
 
     ``method`` chooses the weight rounding: ``"gptq-clip"`` (the default: GPTQ with a per-row
@@ -416,7 +416,17 @@ def quantize_model(model, *, wbits=8, numerics=None, calib_tokens=None, calibrat
     classes get plain ``"gptq"``), ``"gptq"`` (GPTQ with max-abs row scales) or ``"rtn"``
     (plain round-to-nearest, max-abs row scales). All give integers with one scale per output
     row, so the hardware is the same; only the integer values (and the chip digest) differ.
+
+    ``qat`` (a :class:`~.qat.QatConfig`, or ``True`` for the defaults) first quantizes as
+    above, then fine-tunes the float weights through a fake quantizer with those row scales
+    (distillation from the float model, :mod:`.qat`) and rounds the fine-tuned weights to the
+    same scales; activation ranges are calibrated again on the fine-tuned model.
+    ``row_scales`` (tensor name -> per-row scale) replaces the weight rounding by plain
+    rounding to the given scales.
     """
+    if qat:
+        return _quantize_qat(model, wbits=wbits, numerics=numerics, calib_tokens=calib_tokens,
+                             method=method, qat=qat)
     wb = parse_wbits(wbits)
     c = model.config
     nc = NumericsConfig() if numerics is None else numerics
@@ -438,7 +448,12 @@ def quantize_model(model, *, wbits=8, numerics=None, calib_tokens=None, calibrat
         calibration.stats = ranges
     stats = calibration.stats
 
-    def qrows(w, bits, gram):
+    def qrows(w, bits, gram, key):
+        if row_scales is not None:
+            scale = np.asarray(row_scales[key], dtype=np.float64)
+            qmax = (1 << (bits - 1)) - 1
+            w = np.asarray(w, dtype=np.float64)
+            return np.clip(np.round(w / scale[:, None]), -qmax, qmax).astype(np.int64), scale
         if method == "rtn":
             return quantize_rows(w, bits)
         if method == "gptq" or bits > CLIP_MAX_BITS:
@@ -456,19 +471,23 @@ def quantize_model(model, *, wbits=8, numerics=None, calib_tokens=None, calibrat
                          config=nc.tables)
     tc = nc.tables
 
-    def qmat(name, w, bits, s_in, s_out, out_bits, *, site):
-        q, scale = qrows(w, bits, calibration.grams[site])
+    def qmat(name, w, bits, s_in, s_out, out_bits, *, site, layer):
+        q, scale = qrows(w, bits, calibration.grams[site], f"layers.{layer}.{name}")
         ratio = s_in * scale / s_out
         return QMatrix(name, q, bits, scale,
                        Requant.from_ratio(ratio, out_bits, what=f"{model.source or name}:{name}"))
 
     # Classifier first: with a shared classifier the embedding lookup reads the very same ROM,
     # so both use one integer table.
-    cq, cscale = qrows(model.classifier, wb["embed"], calibration.grams["final_norm"])
+    cq, cscale = qrows(model.classifier, wb["embed"], calibration.grams["final_norm"],
+                       "tok_embeddings" if c.shared_classifier else "output")
     if c.shared_classifier:
         eq, escale = cq, cscale
     else:
         eq, escale = quantize_rows(model.tensors["tok_embeddings"], wb["embed"])
+        if row_scales is not None:
+            eq, escale = qrows(model.tensors["tok_embeddings"], wb["embed"], None,
+                               "tok_embeddings")
     # embedding rows -> residual format (the "input" scale of a lookup is 1)
     embed = QMatrix("tok_embeddings", eq, wb["embed"], escale,
                     Requant.from_ratio(escale / s_x, nc.resid_bits, what="tok_embeddings"))
@@ -488,18 +507,22 @@ def quantize_model(model, *, wbits=8, numerics=None, calib_tokens=None, calibrat
                            what=f"layers.{i}.attention_norm")
         ffn_norm = _qnorm(W("ffn_norm"), c.dim, s_fn, resid_frac, c.norm_eps,
                           what=f"layers.{i}.ffn_norm")
-        wq = qmat("wq", W("wq"), wb["attn_qkv"], s_an, s_q, kb, site=f"L{i}.attn_norm")
-        wk = qmat("wk", W("wk"), wb["attn_qkv"], s_an, s_k, kb, site=f"L{i}.attn_norm")
-        wv = qmat("wv", W("wv"), wb["attn_qkv"], s_an, s_v, kb, site=f"L{i}.attn_norm")
+        wq = qmat("wq", W("wq"), wb["attn_qkv"], s_an, s_q, kb,
+                  site=f"L{i}.attn_norm", layer=i)
+        wk = qmat("wk", W("wk"), wb["attn_qkv"], s_an, s_k, kb,
+                  site=f"L{i}.attn_norm", layer=i)
+        wv = qmat("wv", W("wv"), wb["attn_qkv"], s_an, s_v, kb,
+                  site=f"L{i}.attn_norm", layer=i)
         # attention output: the values' scale, narrowed from qkv_bits to act_bits by a shift
         s_att = s_v * 2.0 ** (kb - ab)
         wo = qmat("wo", W("wo"), wb["attn_out"], s_att, s_x, nc.resid_bits,
-                  site=f"L{i}.att_out")
+                  site=f"L{i}.att_out", layer=i)
         w1 = qmat("w1", W("w1"), wb["ffn_gate_up"], s_fn, s_h1, nc.silu_bits,
-                  site=f"L{i}.ffn_norm")
-        w3 = qmat("w3", W("w3"), wb["ffn_gate_up"], s_fn, s_h3, ab, site=f"L{i}.ffn_norm")
+                  site=f"L{i}.ffn_norm", layer=i)
+        w3 = qmat("w3", W("w3"), wb["ffn_gate_up"], s_fn, s_h3, ab,
+                  site=f"L{i}.ffn_norm", layer=i)
         w2 = qmat("w2", W("w2"), wb["ffn_down"], s_hid, s_x, nc.resid_bits,
-                  site=f"L{i}.hidden")
+                  site=f"L{i}.hidden", layer=i)
         # softmax: table index = (max - score) * S_q * S_k / sqrt(hs) / step
         ratio = s_q * s_k / math.sqrt(c.head_size) * 2.0 ** tc.exp_step_log2
         er = Requant.from_ratio(ratio, 0, what=f"layers.{i} softmax scale")
@@ -532,3 +555,36 @@ def quantize_model(model, *, wbits=8, numerics=None, calib_tokens=None, calibrat
     return QuantizedModel(c, model.name, model.content_hash(), wb, nc, tables, resid_frac,
                           embed, layers, final_norm, classifier, logit_scale,
                           scales=dict(stats=stats, resid=s_x, final_norm=s_fin), method=method)
+
+
+def _quantize_qat(model, *, wbits, numerics, calib_tokens, method, qat):
+    """quantize_model with distillation fine-tuning (see :mod:`.qat`)."""
+    from .model import LlamaModel
+    from .qat import MATRICES, QatConfig, act_scales, finetune
+    cfg = QatConfig() if qat is True else qat
+    if calib_tokens is None:
+        calib_tokens = default_calibration_tokens(model)
+    base = quantize_model(model, wbits=wbits, numerics=numerics, calib_tokens=calib_tokens,
+                          method=method)
+    cls_name = "tok_embeddings" if model.config.shared_classifier else "output"
+    scales = {cls_name: base.classifier.scale}
+    bits = {cls_name: base.classifier.bits}
+    if not model.config.shared_classifier:
+        # the separate embedding table keeps plain max-abs rounding (quantize_model)
+        scales["tok_embeddings"] = base.embed.scale
+        bits["tok_embeddings"] = base.embed.bits
+    for i, L in enumerate(base.layers):
+        for n in MATRICES:
+            scales[f"layers.{i}.{n}"] = getattr(L, n).scale
+            bits[f"layers.{i}.{n}"] = getattr(L, n).bits
+    qmax = {k: (1 << (b - 1)) - 1 for k, b in bits.items()}
+    tensors = finetune(model, {k: v[:, None] for k, v in scales.items()}, qmax, cfg,
+                       act_scales=act_scales(base))
+    tuned = LlamaModel(model.config, tensors, name=model.name, source=model.source,
+                       vocab=model.vocab, vocab_scores=model.vocab_scores)
+    qm = quantize_model(tuned, wbits=wbits, numerics=numerics, calib_tokens=calib_tokens,
+                        row_scales=scales)
+    # the chip is described by the checkpoint it came from, not the tuned intermediate
+    qm.model_hash = base.model_hash
+    qm.method = f"{method}+qat"
+    return qm

@@ -147,6 +147,9 @@ def _build_parser():
     _add_model_args(p)
     p.add_argument("--tokenizer", help="tokenizer for the report prompts")
     p.add_argument("--wbits", default="8", help="weight widths (8, 4, 3, 3/6, '4,embed=8')")
+    p.add_argument("--qat", action="store_true",
+                   help="fine-tune the weights through the quantizer by distillation from the "
+                        "float model before rounding (slower; see docs/numerics.md)")
     p.add_argument("--report", action="store_true", help="run the quality report")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-n", type=_positive_int, default=128,
@@ -294,11 +297,12 @@ def _lora_build_kw(fn, args):
 def _cmd_quantize(args):
     from hardwire.compiler import api
     if not args.report:
-        info = api.quantize_summary(args.model, wbits=args.wbits, seq_len=args.seq_len)
+        info = api.quantize_summary(args.model, wbits=args.wbits, seq_len=args.seq_len,
+                                    qat=args.qat)
         print(json.dumps(info, indent=2) if args.json else api.format_quantize(info))
         return
     rep = api.quality_report(args.model, wbits=args.wbits, tokenizer=args.tokenizer,
-                             n=args.n, seq_len=args.seq_len)
+                             n=args.n, seq_len=args.seq_len, qat=args.qat)
     print(json.dumps(rep, indent=2) if args.json else api.format_quality(rep))
 
 

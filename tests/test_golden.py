@@ -214,3 +214,24 @@ def test_exponent_zero_is_the_fixed_scale_datapath():
             assert np.array_equal(t[f"L{i}.w2"], nx.requantize(L.w2.q @ hid, r.mult, r.shift,
                                                                r.out_bits))
     assert diff
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_given_row_scales_round_to_them(shared):
+    # row_scales (the QAT path) = plain rounding to the given scales: with the max-abs scales
+    # that is method="rtn"; with halved scales the integers double (up to saturation)
+    m = random_model(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=24, vocab_size=40,
+                     seq_len=16, seed=9, shared_classifier=shared)
+    rtn = quantize_model(m, wbits=6, method="rtn")
+    scales = {"tok_embeddings": rtn.embed.scale}
+    if not shared:
+        scales["output"] = rtn.classifier.scale
+    for i, L in enumerate(rtn.layers):
+        for n in ("wq", "wk", "wv", "wo", "w1", "w3", "w2"):
+            scales[f"layers.{i}.{n}"] = getattr(L, n).scale
+    assert quantize_model(m, wbits=6, row_scales=scales).digest() == rtn.digest()
+    half = quantize_model(m, wbits=6, row_scales={k: v / 2 for k, v in scales.items()})
+    w2, w2_rtn = half.layers[1].w2.q, rtn.layers[1].w2.q
+    assert np.array_equal(w2, np.clip(np.round(2 * m.tensors["layers.1.w2"].astype(np.float64)
+                                               / scales["layers.1.w2"][:, None]), -31, 31))
+    assert not np.array_equal(w2, w2_rtn)
