@@ -47,6 +47,19 @@ class QatConfig:
     act_quant: bool = True    # also fake-quantize the matmul inputs (int8, measured better)
     train_norms: bool = True
 
+    def __post_init__(self):
+        ints = {"steps": 1, "batch": 1, "n_seqs": 1, "seq_len": 2, "seed": 0}
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"QatConfig.{name} must be an integer >= {low}, not {v!r}")
+        for name in ("lr", "temperature"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) \
+                    or v < 0 or (name == "lr" and v == 0):
+                raise ValueError(f"QatConfig.{name} must be a finite number "
+                                 f"{'> 0' if name == 'lr' else '>= 0'}, not {v!r}")
+
 
 @primitive
 def fake_quant(w, scale, qmax):

@@ -562,6 +562,8 @@ def _quantize_qat(model, *, wbits, numerics, calib_tokens, method, qat):
     from .model import LlamaModel
     from .qat import MATRICES, QatConfig, act_scales, finetune
     cfg = QatConfig() if qat is True else qat
+    if not isinstance(cfg, QatConfig):
+        raise TypeError(f"qat must be True or a QatConfig, not {type(qat).__name__}")
     if calib_tokens is None:
         calib_tokens = default_calibration_tokens(model)
     base = quantize_model(model, wbits=wbits, numerics=numerics, calib_tokens=calib_tokens,

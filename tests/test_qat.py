@@ -142,3 +142,17 @@ def test_cli_quantize_qat(tmp_path, capsys):
                  "-n", "6"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["method"] == "gptq-clip+qat" and rep["positions"] > 0
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(steps=2.5), dict(batch=True), dict(seq_len=1),
+                                 dict(seed=-1), dict(lr=0.0), dict(lr=float("nan")),
+                                 dict(temperature=-1.0), dict(lr="1e-3")])
+def test_config_rejects_bad_values(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"QatConfig.{name} must be"):
+        QatConfig(**bad)
+
+
+def test_quantize_model_rejects_a_non_config(tiny):
+    with pytest.raises(TypeError, match="qat must be True or a QatConfig"):
+        quantize_model(tiny, wbits=4, qat={"steps": 3})
