@@ -120,8 +120,10 @@ def rtl_lora_spec(adapter, lora_spec=None):
 
 def run_generation(path, *, tokenizer=None, prompt="", n=64, engine="float", wbits="8",
                    seq_len=None, clock_mhz=50.0, trace=None, fold=None, build_dir="build",
-                   progress=None, lora=None, lora_spec=None):
+                   progress=None, lora=None, lora_spec=None, qat=False):
     """Greedy generation; returns a dict with ``prompt_tokens``, ``tokens`` and ``text``.
+
+    ``qat`` (golden and rtl engines) quantizes with :mod:`.qat` fine-tuning first.
 
     ``lora`` is a PEFT adapter folder: merged into the float model, applied through the
     integer LoRA path of the golden model, or (rtl engine) packed into an HWLA image that
@@ -131,6 +133,9 @@ def run_generation(path, *, tokenizer=None, prompt="", n=64, engine="float", wbi
     """
     m = load_model(path, seq_len=seq_len)
     adapter = None
+    if qat and engine == "float":
+        raise HardwireError("--qat quantizes the weights: it applies to --engine golden and rtl, "
+                            "not float")
     if lora_spec is not None and engine != "rtl":
         raise HardwireError(f"--lora-targets/--lora-rank build the rtl engine's chip; they do "
                             f"not apply to --engine {engine}")
@@ -156,16 +161,16 @@ def run_generation(path, *, tokenizer=None, prompt="", n=64, engine="float", wbi
         out = generate_greedy(m, pt, n)
     elif engine == "golden":
         from .golden import generate_golden
-        qm = quantize_model(m, wbits=wbits)
+        qm = quantize_model(m, wbits=wbits, qat=qat)
         golden = None
         if adapter is not None:
             from .lora import LoraGoldenModel, quantize_lora
             golden = LoraGoldenModel(qm, quantize_lora(adapter, m, qm))
         out = generate_golden(qm, pt, n, golden=golden)
-        result["wbits"] = wbits_label(qm.wbits)
+        result.update(wbits=wbits_label(qm.wbits), quantization=qm.method)
     elif engine == "rtl":
         from hardwire.sim.chip_sim import generate_rtl   # noqa: PLC0415 (optional layer)
-        qm = quantize_model(m, wbits=wbits)
+        qm = quantize_model(m, wbits=wbits, qat=qat)
         image = None
         if adapter is not None:
             from .lora import quantize_lora
@@ -175,7 +180,7 @@ def run_generation(path, *, tokenizer=None, prompt="", n=64, engine="float", wbi
         rtl = generate_rtl(qm, pt, n, fold=fold, build_dir=build_dir, trace=trace,
                            progress=progress, lora=lora_spec, lora_image=image)
         out = rtl["tokens"]
-        result.update(wbits=wbits_label(qm.wbits), cycles=rtl["cycles"],
+        result.update(wbits=wbits_label(qm.wbits), quantization=qm.method, cycles=rtl["cycles"],
                       clock_mhz=clock_mhz)
         if lora_spec is not None:
             result["lora_build"] = {"targets": list(lora_spec.targets),

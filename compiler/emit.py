@@ -123,12 +123,15 @@ def format_report(rep):
 
 
 def compile_model(path, out_dir, *, wbits="8", seq_len=None, fold=None, target_cycles=None,
-                  mac_budget=None, lora=None, progress=None):
+                  mac_budget=None, lora=None, progress=None, qat=False):
     """Compile a model file into ``out_dir/<name>.v``, ``.il`` and ``report.json``.
 
     ``lora`` (a :class:`~.chip_builder.LoraSpec`) adds the LoRA SRAM block to each target
     matrix; the name gets a ``_lora_<targets>_r<r_max>`` suffix and the report a ``lora``
     section (targets, rank, image bytes, SRAM bits, cycles per token with the adapter on).
+
+    ``qat`` quantizes with :mod:`.qat` fine-tuning first (``--qat``; the report's
+    ``quantization`` says ``gptq-clip+qat``).
 
     The returned report also holds ``seconds`` (wall time) and ``stage_seconds`` (load,
     quantize, plan, build, rtlil, verilog); neither is written to ``report.json``.
@@ -148,7 +151,7 @@ def compile_model(path, out_dir, *, wbits="8", seq_len=None, fold=None, target_c
 
     model = load_model(path, seq_len=seq_len)
     lap("load")
-    qm = quantize_model(model, wbits=wbits)
+    qm = quantize_model(model, wbits=wbits, qat=qat)
     lap("quantize")
     try:
         plan = plan_chip(qm, fold=fold, target_cycles=target_cycles, mac_budget=mac_budget)

@@ -111,7 +111,7 @@ def image_bytes(qlora, config):
 
 
 def pack_lora(adapter_path, model, *, wbits="8", targets=None, r_max=None, qm=None,
-              calib_tokens=None):
+              calib_tokens=None, qat=False):
     """Load a PEFT adapter, quantize it for the chip of ``model`` at ``wbits``, return its image.
 
     Parameters
@@ -128,10 +128,12 @@ def pack_lora(adapter_path, model, *, wbits="8", targets=None, r_max=None, qm=No
         The chip's LoRA rank (default: the adapter's).
     qm : QuantizedModel, optional
         The base datapath, if already quantized (must match ``model`` and ``wbits``).
+    qat : bool
+        The chip's base weights were quantized with ``--qat`` (ignored when ``qm`` is given).
     """
     from .quantize import parse_wbits
     if qm is None:
-        qm = quantize_model(model, wbits=wbits)
+        qm = quantize_model(model, wbits=wbits, qat=qat)
     elif qm.wbits != parse_wbits(wbits):
         raise HardwireError(f"the quantized model has weight widths {qm.wbits}, not {wbits}")
     adapter = load_peft_adapter(adapter_path, model,

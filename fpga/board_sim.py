@@ -149,7 +149,8 @@ def start_board_sim(qm, *, fold=None, cpb=SIM_CLOCKS_PER_BIT, build_dir="build",
 
 
 def run_board_sim(path, *, wbits="8", seq_len=None, fold=None, cpb=SIM_CLOCKS_PER_BIT,
-                  build_dir="build", progress=sys.stderr, out=sys.stdout, lora=None):
+                  build_dir="build", progress=sys.stderr, out=sys.stdout, lora=None,
+                  qat=False):
     """``hardwire board-sim``: build, start, print the pty path, run until interrupted.
 
     ``lora`` (a :class:`~hardwire.compiler.chip_builder.LoraSpec`, from ``--lora-targets``
@@ -160,7 +161,7 @@ def run_board_sim(path, *, wbits="8", seq_len=None, fold=None, cpb=SIM_CLOCKS_PE
     if cpb < 4:
         raise HardwireError(f"--baud-divisor ({cpb}) must be at least 4 clocks per bit")
     model = load_model(path, seq_len=seq_len)
-    qm = quantize_model(model, wbits=wbits)
+    qm = quantize_model(model, wbits=wbits, qat=qat)
     with start_board_sim(qm, fold=fold, cpb=cpb, build_dir=build_dir, progress=progress,
                          log=None, lora=lora) as sim:
         print(sim.port, file=out, flush=True)

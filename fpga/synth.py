@@ -558,17 +558,18 @@ def format_summary(s):
 
 def synth_board(path, out_dir, *, board="ulx3s-85f", wbits="8", seq_len=None, fold=None,
                 clock_mhz=50.0, baud=115200, seed=1, lut_mapper="auto", progress=True,
-                timeout_s=None, lora=None):
+                timeout_s=None, lora=None, qat=False):
     """``hardwire synth MODEL --board ulx3s-85f -o OUT``: returns the synth.json summary.
 
     ``lora`` (a :class:`~hardwire.compiler.chip_builder.LoraSpec`, ``--lora-targets`` and
-    ``--lora-rank``) builds the chip with its LoRA datapath and loader."""
+    ``--lora-rank``) builds the chip with its LoRA datapath and loader; ``qat`` quantizes
+    with :mod:`~hardwire.compiler.qat` fine-tuning (``--qat``)."""
     from hardwire.compiler.loaders import load_model
     from hardwire.compiler.quantize import quantize_model
     t0 = time.monotonic()
     _platform(board)                    # fail early on a bad board name
     model = load_model(path, seq_len=seq_len)
-    qm = quantize_model(model, wbits=wbits)
+    qm = quantize_model(model, wbits=wbits, qat=qat)
     _say(progress, f"quantized {model.name} in {time.monotonic() - t0:.1f} s")
     return synth_qmodel(qm, out_dir, board=board, fold=fold, clock_mhz=clock_mhz, baud=baud,
                         seed=seed, lut_mapper=lut_mapper, progress=progress,

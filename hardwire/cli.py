@@ -50,6 +50,13 @@ _LORA_SHORT = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "
                "down": "w2"}
 
 
+def _add_qat_arg(p):
+    p.add_argument("--qat", action="store_true",
+                   help="quantize after fine-tuning the weights through the quantizer by "
+                        "distillation from the float model (same hardware, other weights; "
+                        "about a minute on stories260K; see docs/numerics.md)")
+
+
 def _add_lora_build_args(p):
     p.add_argument("--lora-targets", default=None,
                    help="build a LoRA datapath for these projections: any of q,k,v,o,gate,up,"
@@ -108,6 +115,7 @@ def _build_parser():
     p.add_argument("--engine", choices=("float", "golden", "rtl"), default="float")
     p.add_argument("--wbits", default="8", help="weight widths for golden/rtl: 8, 4, 3/6, "
                    "or '4,embed=8' (default 8)")
+    _add_qat_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--clock-mhz", type=_positive_float, default=50.0,
                    help="clock for the tokens/s estimate of the rtl engine (50)")
@@ -128,6 +136,8 @@ def _build_parser():
     lp.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + safetensors)")
     lp.add_argument("--model", required=True, help="the base model the chip was compiled from")
     lp.add_argument("--wbits", default="8", help="the chip's weight widths")
+    lp.add_argument("--qat", action="store_true",
+                    help="the chip was compiled with --qat (its base weights)")
     lp.add_argument("-o", "--out", required=True, help="image file to write")
     lp = lsub.add_parser("load", help="upload an image into a board's LoRA bank and commit it")
     lp.add_argument("image", help="adapter image (hardwire lora pack)")
@@ -147,9 +157,7 @@ def _build_parser():
     _add_model_args(p)
     p.add_argument("--tokenizer", help="tokenizer for the report prompts")
     p.add_argument("--wbits", default="8", help="weight widths (8, 4, 3, 3/6, '4,embed=8')")
-    p.add_argument("--qat", action="store_true",
-                   help="fine-tune the weights through the quantizer by distillation from the "
-                        "float model before rounding (slower; see docs/numerics.md)")
+    _add_qat_arg(p)
     p.add_argument("--report", action="store_true", help="run the quality report")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-n", type=_positive_int, default=128,
@@ -159,6 +167,7 @@ def _build_parser():
     _add_model_args(p)
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--wbits", default="8", help="weight widths (8, 4, 3/6, '4,embed=8')")
+    _add_qat_arg(p)
     p.add_argument("--fold", default=None,
                    help="folding, e.g. 'pe=4,simd=8' or 'wq=8x8,w2=4x4,attn=2' (default: "
                         "planned)")
@@ -175,6 +184,7 @@ def _build_parser():
     p.add_argument("--board", default="ulx3s-85f", help="target board (ulx3s-85f)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--wbits", default="8", help="weight widths (8, 4, 3/6, '4,embed=8')")
+    _add_qat_arg(p)
     p.add_argument("--fold", default=None, help="folding (see compile --help; default: the "
                    "planner's, folded further until it fits the FPGA: multipliers, block "
                    "RAM, flip-flops)")
@@ -191,6 +201,7 @@ def _build_parser():
                        "its serial port appears as a pty")
     _add_model_args(p)
     p.add_argument("--wbits", default="8", help="weight widths (8, 4, 3/6, '4,embed=8')")
+    _add_qat_arg(p)
     p.add_argument("--fold", default=None, help="folding (see compile --help)")
     p.add_argument("--baud-divisor", type=_positive_int, default=8,
                    help="clocks per UART bit in the simulation (8)")
@@ -213,7 +224,7 @@ def _build_parser():
 
 def _cmd_synth(args):
     from hardwire.fpga.synth import format_summary, synth_board
-    rep = synth_board(args.model, args.out, board=args.board, wbits=args.wbits,
+    rep = synth_board(args.model, args.out, board=args.board, wbits=args.wbits, qat=args.qat,
                       seq_len=args.seq_len, fold=args.fold, clock_mhz=args.clock_mhz,
                       baud=args.baud, seed=args.seed, lut_mapper=args.lut_mapper,
                       progress=not args.json, **_lora_kw(synth_board, args, "synth"))
@@ -226,7 +237,8 @@ def _cmd_synth(args):
 
 def _cmd_board_sim(args):
     from hardwire.fpga.board_sim import run_board_sim
-    run_board_sim(args.model, wbits=args.wbits, seq_len=args.seq_len, fold=args.fold,
+    run_board_sim(args.model, wbits=args.wbits, qat=args.qat, seq_len=args.seq_len,
+                  fold=args.fold,
                   cpb=args.baud_divisor, build_dir=args.build_dir,
                   **_lora_kw(run_board_sim, args, "board-sim"))
 
@@ -248,7 +260,8 @@ def _cmd_chat(args):
 
 def _cmd_compile(args):
     from hardwire.compiler.emit import compile_model, format_report
-    rep = compile_model(args.model, args.out, wbits=args.wbits, seq_len=args.seq_len,
+    rep = compile_model(args.model, args.out, wbits=args.wbits, qat=args.qat,
+                        seq_len=args.seq_len,
                         fold=args.fold, target_cycles=args.target_cycles,
                         mac_budget=args.mac_budget, progress=None if args.json else sys.stderr,
                         **_lora_kw(compile_model, args, "compile"))
@@ -272,7 +285,8 @@ def _cmd_run(args):
     from hardwire.compiler import api
     result = api.run_generation(
         args.model, tokenizer=args.tokenizer, prompt=args.prompt, n=args.n, engine=args.engine,
-        wbits=args.wbits, seq_len=args.seq_len, clock_mhz=args.clock_mhz, trace=args.trace,
+        wbits=args.wbits, qat=args.qat, seq_len=args.seq_len, clock_mhz=args.clock_mhz,
+        trace=args.trace,
         fold=args.fold, build_dir=args.build_dir, lora=args.lora,
         progress=None if args.json else sys.stderr, **_lora_build_kw(api.run_generation, args))
     if args.json:
@@ -312,7 +326,7 @@ def _cmd_lora(args):
     from hardwire.compiler.loaders import load_model
     from hardwire.compiler.lora_image import pack_lora, write_image
     model = load_model(args.model)
-    data = pack_lora(args.adapter, model, wbits=args.wbits)
+    data = pack_lora(args.adapter, model, wbits=args.wbits, qat=args.qat)
     write_image(args.out, data)
     print(f"wrote {args.out} ({len(data):,} bytes)")
 

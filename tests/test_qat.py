@@ -156,3 +156,45 @@ def test_config_rejects_bad_values(bad):
 def test_quantize_model_rejects_a_non_config(tiny):
     with pytest.raises(TypeError, match="qat must be True or a QatConfig"):
         quantize_model(tiny, wbits=4, qat={"steps": 3})
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    m = random_model(dim=16, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=24,
+                     vocab_size=40, seq_len=16, seed=6)
+    path = tmp_path_factory.mktemp("qat") / "t.bin"
+    save_llama2c(m, path)
+    return m, path
+
+
+def test_cli_run_golden_qat_is_the_qat_datapath(tiny_file, capsys):
+    from hardwire.compiler.golden import generate_golden
+    m, path = tiny_file
+    assert main(["run", str(path), "--engine", "golden", "--wbits", "4", "--qat", "-n", "8",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    qm = quantize_model(m, wbits=4, qat=True)
+    assert out["quantization"] == "gptq-clip+qat"
+    assert out["tokens"] == [int(t) for t in generate_golden(qm, out["prompt_tokens"], 8)]
+
+
+def test_cli_run_float_rejects_qat(tiny_file, capsys):
+    _, path = tiny_file
+    assert main(["run", str(path), "--engine", "float", "--qat"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--qat" in err[0] and "Traceback" not in err[0]
+
+
+def test_cli_compile_qat_recorded(tiny_file, tmp_path, capsys):
+    # (the same QAT datapath twice is test_quantize_model_qat_deterministic_same_scales; the
+    # same datapath gives the same Verilog is test_compile's determinism test)
+    m, path = tiny_file
+    assert main(["compile", str(path), "--wbits", "4", "--qat", "-o", str(tmp_path),
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["quantization"] == "gptq-clip+qat"
+    assert rep["datapath_digest"] == quantize_model(m, wbits=4, qat=True).digest()
+    assert rep["datapath_digest"] != quantize_model(m, wbits=4).digest()
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["quantization"] == "gptq-clip+qat"
+    assert saved["datapath_digest"] == rep["datapath_digest"]
