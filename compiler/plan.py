@@ -362,7 +362,7 @@ def predict_cycles(qm, plan, pos):
             f"L{i}.attn_norm": norm,
             f"L{i}.qkv": max(f["wq"].cycles() + rope[c.dim], f["wk"].cycles() + rope[c.kv_dim],
                              f["wv"].cycles()),
-            f"L{i}.attention": 2 * (c.n_heads // plan.head_lanes) * (pos + 1) + 15,
+            f"L{i}.attention": 2 * (c.n_heads // plan.head_lanes) * (pos + 1) + 16,
             f"L{i}.wo": f["wo"].cycles(),
             f"L{i}.attn_res": 1,
             f"L{i}.ffn_norm": norm,

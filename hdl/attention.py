@@ -44,6 +44,15 @@ def _exp_clamp(exp_mult, exp_shift, exp_len):
     return max(0, -(-need // exp_mult))
 
 
+def _tree_sum(values):
+    """Sum of ``values`` as a balanced tree of two-input adds (depth ``ceil(log2(n))``)."""
+    values = list(values)
+    while len(values) > 1:
+        values = [values[i] + values[i + 1] if i + 1 < len(values) else values[i]
+                  for i in range(0, len(values), 2)]
+    return values[0]
+
+
 class Attention(wiring.Component):
     """One layer's attention: store ``k``/``v`` at ``pos``, then every head over ``0..pos``.
 
@@ -59,9 +68,10 @@ class Attention(wiring.Component):
     ``n_heads // head_lanes`` head groups take turns. For each group the cache is swept twice,
     one row per cycle: pass 1 finds the maximum score, pass 2 recomputes the scores, looks up
     ``e_t`` and accumulates ``Z`` and ``acc``. A row's pass-2 pipeline is registered at every
-    stage: the row read, the score, the clamped gap ``max - s_t``, its product by
-    ``exp_mult``, the exp-table index (the ROM address), the ROM read, its data registered (before the ``e_t * v_t`` products),
-    the accumulators. The sweeps of successive groups follow back to back; each group's
+    stage: the row read, the ``head_size`` products ``q_hd * k_td`` (the multipliers apart
+    from the adder tree), the score, the clamped gap ``max - s_t``, its product by
+    ``exp_mult``, the exp-table index (the ROM address), the ROM read, its data registered
+    (before the ``e_t * v_t`` products), the accumulators. The sweeps of successive groups follow back to back; each group's
     reciprocal and output scaling (six pipelined cycles: leading-one detection and ROM read,
     the registered ROM data, the products, the rounding add, the shift, the saturation)
     overlap the next group's sweep. Score gaps are clamped before the ``exp_mult`` product at
@@ -221,12 +231,13 @@ class Attention(wiring.Component):
     def latency(self, pos):
         """Cycles from the input transfer at ``pos`` to the first cycle ``o.valid`` is high
         (``o`` ready: the cycles to the output transfer): the input register and the cache
-        write (2), two sweeps of ``pos + 1`` rows per head group, then thirteen registers (row
-        read, score, clamped gap, its ``exp_mult`` product, exp-table index, exp ROM read, its data, accumulator,
-        reciprocal ROM read, its data, product, rounding add, shift) and the output."""
+        write (2), two sweeps of ``pos + 1`` rows per head group, then fourteen registers
+        (row read, ``q * k`` products, score, clamped gap, its ``exp_mult`` product, exp-table
+        index, exp ROM read, its data, accumulator, reciprocal ROM read, its data, product,
+        rounding add, shift) and the output."""
         if not 0 <= pos < self._n_pos:
             raise ValueError(f"pos ({pos}) must lie in [0, n_pos = {self._n_pos})")
-        return 2 * self.head_groups * (pos + 1) + 15
+        return 2 * self.head_groups * (pos + 1) + 16
 
     def initiation_interval(self, pos):
         """Cycles from the input transfer at ``pos`` to the next input transfer, with ``i``
@@ -282,16 +293,17 @@ class Attention(wiring.Component):
         issue = Signal()
         m.d.comb += [kv_r.addr.eq(t), kv_r.en.eq(issue)]
 
-        # pipeline stage registers: A (rows arrive), B (scores), B1 (clamped gaps), BP (their
-        # exp_mult products), B2 (exp table indices, the ROM address), C (exp ROM data), D
-        # (the data registered)
+        # pipeline stage registers: A (rows arrive), AP (the q * k products), B (scores), B1
+        # (clamped gaps), BP (their exp_mult products), B2 (exp table indices, the ROM
+        # address), C (exp ROM data), D (the data registered)
         def beat(name):
             return {f: Signal(shape, name=f"{name}_{f}") for f, shape in
                     (("valid", 1), ("second", 1), ("first", 1), ("last", 1), ("g", range(G)))}
-        a, bb, b1, bp, b2, c, dd = (beat(x) for x in ("a", "b", "b1", "bp", "b2", "c", "d"))
+        a, ap, bb, b1, bp, b2, c, dd = (beat(x) for x in
+                                        ("a", "ap", "b", "b1", "bp", "b2", "c", "d"))
         m.d.sync += [a["valid"].eq(issue), a["second"].eq(second), a["first"].eq(t == 0),
                      a["last"].eq(t == pos), a["g"].eq(g)]
-        for dst, src in ((bb, a), (b1, bb), (bp, b1), (b2, bp), (c, b2), (dd, c)):
+        for dst, src in ((ap, a), (bb, ap), (b1, bb), (bp, b1), (b2, bp), (c, b2), (dd, c)):
             m.d.sync += [dst[f].eq(src[f]) for f in dst]
 
         done = Signal()     # the last group's output is written this cycle
@@ -357,6 +369,7 @@ class Attention(wiring.Component):
         # evaluates a stage's logic only on the cycles it is used. Data registers are
         # reset-less (their contents count only behind a valid bit, which is reset).
         a2 = a["valid"] & a["second"]
+        ap2 = ap["valid"] & ap["second"]
         b2v = bb["valid"] & bb["second"]
         b1v = b1["valid"] & b1["second"]
         bpv = bp["valid"] & bp["second"]
@@ -381,14 +394,24 @@ class Attention(wiring.Component):
             heads = [grp * H + lane for grp in range(G)]
             kv_heads = [head // group_size for head in heads]
 
-            # stage A: this lane's head (of group a.g) and its kv head; the dot product
+            # stage A: this lane's head (of group a.g) and its kv head; the products
+            # q_d * k_d, registered (the multipliers and the adder tree in different stages)
+            ap_p = [Signal(signed(2 * b), name=f"ap_p{lane}_{d}", reset_less=True)
+                    for d in range(hs)]
+            ap_v = Signal(head_vec, name=f"ap_v{lane}", reset_less=True)
+            with m.If(a["valid"]):
+                m.d.sync += [ap_p[d].eq(select(q, heads, d) * select(kv_r.k, kv_heads, d))
+                             for d in range(hs)]
+            with m.If(a2):
+                m.d.sync += [ap_v[d].eq(select(kv_r.v, kv_heads, d)) for d in range(hs)]
+
+            # stage AP: the dot product (the products' sum, a balanced adder tree)
             b_s = Signal(r["score"], name=f"b_score{lane}", reset_less=True)
             b_v = Signal(head_vec, name=f"b_v{lane}", reset_less=True)
-            with m.If(a["valid"]):
-                m.d.sync += b_s.eq(sum(select(q, heads, d) * select(kv_r.k, kv_heads, d)
-                                       for d in range(hs)))
-            with m.If(a2):
-                m.d.sync += [b_v[d].eq(select(kv_r.v, kv_heads, d)) for d in range(hs)]
+            with m.If(ap["valid"]):
+                m.d.sync += b_s.eq(_tree_sum(ap_p))
+            with m.If(ap2):
+                m.d.sync += b_v.eq(ap_v)
 
             # stage B: pass 1 keeps the maximum; pass 2 registers the clamped score gap
             top = Signal(r["score"], name=f"max{lane}", reset_less=True)

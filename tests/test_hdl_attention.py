@@ -158,15 +158,15 @@ def test_negative_control():
 
 
 def test_cycle_formula():
-    """Two sweeps of pos + 1 rows per head group plus a fixed 15; the benches measure it."""
+    """Two sweeps of pos + 1 rows per head group plus a fixed 16; the benches measure it."""
     dut, *_ = stories_case()
     assert dut.head_groups == 4
-    assert [dut.latency(p) for p in (0, 1, 11, 511)] == [23, 31, 111, 4111]
+    assert [dut.latency(p) for p in (0, 1, 11, 511)] == [24, 32, 112, 4112]
     assert dut.initiation_interval(11) == dut.latency(11)
     with pytest.raises(ValueError, match=r"^pos \(512\) must lie in \[0, n_pos = 512\)$"):
         dut.latency(512)
     dut, *_ = stories_case(head_lanes=8)
-    assert [dut.latency(p) for p in (0, 511)] == [17, 1039]
+    assert [dut.latency(p) for p in (0, 511)] == [18, 1040]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnusedElaboratable)
         del dut
