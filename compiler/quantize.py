@@ -244,12 +244,16 @@ class QuantizedModel:
         return h.hexdigest()
 
 
-def quantize_rows(w, bits):
-    """Symmetric per-row quantization: returns ``(q, scale)`` with ``w ~= q * scale[:, None]``."""
+def quantize_rows(w, bits, scale=None):
+    """Symmetric per-row quantization: returns ``(q, scale)`` with ``w ~= q * scale[:, None]``
+    (``scale``: the rows' scales, default max-abs)."""
     w = np.asarray(w, dtype=np.float64)
     qmax = (1 << (bits - 1)) - 1
-    amax = np.abs(w).max(axis=1)
-    scale = np.where(amax > 0, amax / qmax, 1.0)
+    if scale is None:
+        amax = np.abs(w).max(axis=1)
+        scale = np.where(amax > 0, amax / qmax, 1.0)
+    else:
+        scale = np.asarray(scale, dtype=np.float64)
     q = np.clip(np.round(w / scale[:, None]), -qmax, qmax).astype(np.int64)
     return q, scale
 
@@ -450,10 +454,7 @@ def quantize_model(model, *, wbits=8, numerics=None, calib_tokens=None, calibrat
 
     def qrows(w, bits, gram, key):
         if row_scales is not None:
-            scale = np.asarray(row_scales[key], dtype=np.float64)
-            qmax = (1 << (bits - 1)) - 1
-            w = np.asarray(w, dtype=np.float64)
-            return np.clip(np.round(w / scale[:, None]), -qmax, qmax).astype(np.int64), scale
+            return quantize_rows(w, bits, row_scales[key])
         if method == "rtn":
             return quantize_rows(w, bits)
         if method == "gptq" or bits > CLIP_MAX_BITS:
@@ -484,10 +485,8 @@ def quantize_model(model, *, wbits=8, numerics=None, calib_tokens=None, calibrat
     if c.shared_classifier:
         eq, escale = cq, cscale
     else:
-        eq, escale = quantize_rows(model.tensors["tok_embeddings"], wb["embed"])
-        if row_scales is not None:
-            eq, escale = qrows(model.tensors["tok_embeddings"], wb["embed"], None,
-                               "tok_embeddings")
+        eq, escale = quantize_rows(model.tensors["tok_embeddings"], wb["embed"],
+                                   None if row_scales is None else row_scales["tok_embeddings"])
     # embedding rows -> residual format (the "input" scale of a lookup is 1)
     embed = QMatrix("tok_embeddings", eq, wb["embed"], escale,
                     Requant.from_ratio(escale / s_x, nc.resid_bits, what="tok_embeddings"))

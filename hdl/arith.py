@@ -8,7 +8,7 @@ from amaranth.hdl import Cat, Const, Mux, Shape, signed, unsigned, Value
 from amaranth.lib import data
 
 __all__ = ["rshift_round", "rshift_round_var", "saturate", "signed_range", "bits_for",
-           "vector_layout", "exp_vector_layout", "pos_shape"]
+           "tree_sum", "vector_layout", "exp_vector_layout", "pos_shape"]
 
 
 def signed_range(bits):
@@ -46,6 +46,16 @@ def saturate(v, bits):
     if v.shape().signed and v.shape().width <= bits:
         return v.as_signed() if v.shape().width == bits else v
     return Mux(v > hi, hi, Mux(v < lo, lo, v))[:bits].as_signed()
+
+
+def tree_sum(values):
+    """Sum of ``values`` as a balanced tree of two-input adds (depth ``ceil(log2(n))``;
+    Amaranth widens each sum by one bit, so nothing overflows)."""
+    values = list(values)
+    while len(values) > 1:
+        values = [values[i] + values[i + 1] if i + 1 < len(values) else values[i]
+                  for i in range(0, len(values), 2)]
+    return values[0]
 
 
 def vector_layout(bits, length, *, is_signed=True):

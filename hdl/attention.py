@@ -7,7 +7,7 @@ from amaranth.hdl import Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, pos_shape, rshift_round, saturate, vector_layout
+from .arith import bits_for, pos_shape, rshift_round, saturate, tree_sum, vector_layout
 from .kvcache import KVCache
 
 __all__ = ["Attention"]
@@ -42,15 +42,6 @@ def _exp_clamp(exp_mult, exp_shift, exp_len):
     half = (1 << (exp_shift - 1)) if exp_shift else 0
     need = ((exp_len - 1) << exp_shift) - half      # d * exp_mult >= need
     return max(0, -(-need // exp_mult))
-
-
-def _tree_sum(values):
-    """Sum of ``values`` as a balanced tree of two-input adds (depth ``ceil(log2(n))``)."""
-    values = list(values)
-    while len(values) > 1:
-        values = [values[i] + values[i + 1] if i + 1 < len(values) else values[i]
-                  for i in range(0, len(values), 2)]
-    return values[0]
 
 
 class Attention(wiring.Component):
@@ -409,7 +400,7 @@ class Attention(wiring.Component):
             b_s = Signal(r["score"], name=f"b_score{lane}", reset_less=True)
             b_v = Signal(head_vec, name=f"b_v{lane}", reset_less=True)
             with m.If(ap["valid"]):
-                m.d.sync += b_s.eq(_tree_sum(ap_p))
+                m.d.sync += b_s.eq(tree_sum(ap_p))
             with m.If(ap2):
                 m.d.sync += b_v.eq(ap_v)
 

@@ -15,7 +15,7 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, exp_vector_layout, saturate, vector_layout
+from .arith import bits_for, exp_vector_layout, saturate, tree_sum, vector_layout
 from .matvec import MatVecUnit
 
 __all__ = ["lora_write_signature", "section_layout", "LoraUnit", "LoraProjection"]
@@ -49,14 +49,6 @@ def section_layout(rows, cols, r_max):
 def _pow2(name, v, lo, hi):
     if not (lo <= v <= hi and v & (v - 1) == 0):
         raise ValueError(f"{name} must be a power of two between {lo} and {hi}, not {v}")
-
-
-def _tree_sum(values):
-    values = list(values)
-    while len(values) > 1:
-        values = [values[i] + values[i + 1] if i + 1 < len(values) else values[i]
-                  for i in range(0, len(values), 2)]
-    return values[0]
 
 
 class LoraUnit(wiring.Component):
@@ -326,7 +318,7 @@ class LoraUnit(wiring.Component):
         s3 = flags("a3", s2)
         umax = C << (ib + 6)
         tsum = Signal(signed(bits_for(-umax, umax)), name="a3_sum")
-        m.d.sync += tsum.eq(_tree_sum(prod))
+        m.d.sync += tsum.eq(tree_sum(prod))
         rd_mu = mu_mem.read_port(domain="sync")
         m.d.comb += rd_mu.addr.eq(Mux(bank_l, r, 0) + s2[3])
         uacc = Signal(signed(bits_for(-umax, umax)))
@@ -390,7 +382,7 @@ class LoraUnit(wiring.Component):
         vmax = r << (7 + U_BITS - 1)
         vsum = Signal(signed(bits_for(-vmax, vmax)))
         mb3 = Signal(MULT_BITS)
-        m.d.sync += [vsum.eq(_tree_sum(bprod)), mb3.eq(mb2)]
+        m.d.sync += [vsum.eq(tree_sum(bprod)), mb3.eq(mb2)]
         b4_valid, b4_end = Signal(), Signal()
         m.d.sync += [b4_valid.eq(b3_valid), b4_end.eq(b3_end)]
         dprod = Signal(signed(vsum.shape().width + MULT_BITS + 1))

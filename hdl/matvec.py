@@ -14,7 +14,7 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, exp_vector_layout, rshift_round, saturate, vector_layout
+from .arith import bits_for, exp_vector_layout, rshift_round, saturate, tree_sum, vector_layout
 
 __all__ = ["MatVecUnit"]
 
@@ -31,15 +31,6 @@ def _int_array(name, value, ndim):
     if a.size and not np.issubdtype(a.dtype, np.integer):
         raise ValueError(f"{name} must hold integers, not {a.dtype}")
     return a.astype(np.int64)
-
-
-def _tree_sum(values):
-    """Balanced adder tree (Amaranth widens each sum by one bit, so nothing overflows)."""
-    values = list(values)
-    while len(values) > 1:
-        values = [values[i] + values[i + 1] if i + 1 < len(values) else values[i]
-                  for i in range(0, len(values), 2)]
-    return values[0]
 
 
 def _csd(c):
@@ -62,10 +53,10 @@ def _const_mul(x, c):
     pos = [x << i for i, d in digits if d > 0]
     neg = [x << i for i, d in digits if d < 0]
     if not neg:
-        return _tree_sum(pos)
+        return tree_sum(pos)
     if not pos:
-        return -_tree_sum(neg)
-    return _tree_sum(pos) - _tree_sum(neg)
+        return -tree_sum(neg)
+    return tree_sum(pos) - tree_sum(neg)
 
 
 class MatVecUnit(wiring.Component):
@@ -516,7 +507,7 @@ class MatVecUnit(wiring.Component):
             k_delay("tree")
         lane = [Signal(signed(sum_w), name=f"lane{p}", reset_less=True) for p in range(P)]
         with m.If(tree_en):
-            m.d.sync += [lane[p].eq(_tree_sum(prod[p])) for p in range(P)]
+            m.d.sync += [lane[p].eq(tree_sum(prod[p])) for p in range(P)]
         t_valid, t_first, t_last, t_group = src
         if cb is not None:
             corr = self._delay(m, "tree", corr)
