@@ -61,7 +61,7 @@ bench: $(STAMP) models
 	$(BIN)/python -m hardwire.bench --models $(HARDWIRE_MODELS)
 
 synth: $(STAMP) models
-	$(BIN)/hardwire synth $(HARDWIRE_MODELS)/stories260K.bin --board ulx3s-85f -o build/synth
+	$(BIN)/hardwire synth $(HARDWIRE_MODELS)/stories260K.bin --board ulx3s-85f --seq-len 256 -o build/synth
 
 clean:
 	rm -rf build .pytest_cache

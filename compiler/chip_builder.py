@@ -14,6 +14,8 @@ cycle formulas and never elaborated.)
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from hardwire.hdl.attention import Attention
 from hardwire.hdl.chip import LlamaChip, id_rom_words
 from hardwire.hdl.decoder import DecoderLayer
@@ -27,7 +29,7 @@ from hardwire.hdl.swiglu import SwiGLU
 
 from .lora import LORA_TARGETS, MAX_RANK
 from .lora_image import build_header, image_length, section_offsets, target_mask
-from .plan import MATRIX_NAMES, plan_chip
+from .plan import MATRIX_NAMES, classifier_reads_embedding, plan_chip
 from .quantize import wbits_label
 
 __all__ = ["LoraSpec", "build_chip", "chip_name"]
@@ -110,23 +112,52 @@ def build_chip(qm, plan=None, *, lora=None):
         offsets = section_offsets(c.n_layers, lora.targets, lora.r_max, c.dim, c.kv_dim,
                                   c.hidden_dim)
 
-    def norm(qn):
-        return RMSNorm(dim=c.dim, in_bits=nc.resid_bits, gain=qn.gain,
-                       gain_shift=qn.gain_shift, eps=qn.eps, rsqrt_table=tb.rsqrt,
-                       rsqrt_frac=tc.rsqrt_frac, out_bits=nc.act_bits, lanes=plan.norm_lanes)
+    def per_layer(group, what, get):
+        """``get(L)`` of one layer, or stacked over the group of a shared unit."""
+        vals = [get(L) for L in group]
+        if len(group) == 1:
+            return vals[0]
+        if isinstance(vals[0], np.ndarray):
+            return np.stack(vals)
+        return [int(v) for v in vals]
 
-    def matvec(m, key, in_bits, layer=None):
-        f, r = plan.matrices[key], m.requant
-        adapt = layer is not None and (layer, m.name) in offsets
+    def same(group, what, get):
+        vals = {get(L) for L in group}
+        if len(vals) > 1:
+            raise ValueError(f"a shared layer unit needs the same {what} in every layer, not "
+                             f"{sorted(vals)}")
+        return vals.pop()
+
+    def banked(group):
+        return {} if len(group) == 1 else {"n_layers": len(group)}
+
+    def norm(qns):
+        return RMSNorm(dim=c.dim, in_bits=nc.resid_bits,
+                       gain=per_layer(qns, "gain", lambda n: n.gain),
+                       gain_shift=per_layer(qns, "gain_shift", lambda n: n.gain_shift),
+                       eps=per_layer(qns, "eps", lambda n: n.eps), rsqrt_table=tb.rsqrt,
+                       rsqrt_frac=tc.rsqrt_frac, out_bits=nc.act_bits, lanes=plan.norm_lanes,
+                       **banked(qns))
+
+    def matvec(ms, key, in_bits, layer=None, **kw):
+        f = plan.matrices[key]
+        name = ms[0].name
+        adapt = layer is not None and (layer, name) in offsets
         # w2 takes the SwiGLU output's per-vector exponent
-        ek = {"exp_max": nc.hid_exp_max} if layer is not None and m.name == "w2" else {}
-        unit = MatVecUnit(weights=m.q, weight_bits=m.bits, in_bits=in_bits, mult=r.mult,
-                          shift=r.shift, out_bits=r.out_bits, pe=f.pe, simd=f.simd,
-                          form=f.form, **({"correction_bits": 32} if adapt else {}), **ek)
+        ek = {"exp_max": nc.hid_exp_max} if layer is not None and name == "w2" else {}
+        unit = MatVecUnit(weights=per_layer(ms, "weights", lambda m: m.q),
+                          weight_bits=same(ms, f"{name} weight width", lambda m: m.bits),
+                          in_bits=in_bits,
+                          mult=per_layer(ms, "mult", lambda m: m.requant.mult),
+                          shift=per_layer(ms, "shift", lambda m: m.requant.shift),
+                          out_bits=same(ms, f"{name} output width", lambda m: m.requant.out_bits),
+                          pe=f.pe, simd=f.simd, form=f.form,
+                          **({"correction_bits": 32} if adapt else {}), **ek, **banked(ms),
+                          **kw)
         if not adapt:
             return unit
         side = LoraUnit(rows=f.rows, cols=f.cols, r_max=lora.r_max, pe=f.pe,
-                        simd=lora.unit_simd(f.cols), base=offsets[layer, m.name],
+                        simd=lora.unit_simd(f.cols), base=offsets[layer, name],
                         addr_bits=loader.addr_bits, in_bits=in_bits, **ek)
         return LoraProjection(base=unit, lora=side)
 
@@ -135,27 +166,45 @@ def build_chip(qm, plan=None, *, lora=None):
                     frac=tc.rope_frac, bits=nc.qkv_bits, lanes=plan.rope_lanes,
                     shared_table=True)      # one table for the chip (LlamaChip.rope_table)
 
+    def decoder(i, group):
+        """The decoder unit of layer ``i`` (``group = [qm.layers[i]]``), or the shared unit
+        of every layer (``i = 0``, ``group = qm.layers``)."""
+        mv = {n: matvec([getattr(L, n) for L in group], f"L{i}.{n}", nc.act_bits, i)
+              for n in MATRIX_NAMES}
+        attention = Attention(
+            n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_size=c.head_size,
+            n_pos=c.seq_len, exp_table=tb.exp,
+            exp_mult=per_layer(group, "exp_mult", lambda L: L.exp_mult),
+            exp_shift=per_layer(group, "exp_shift", lambda L: L.exp_shift),
+            recip_table=tb.recip, recip_bits=tc.recip_bits, recip_frac=tc.recip_frac,
+            exp_len=tc.exp_len, bits=nc.qkv_bits, out_bits=nc.act_bits,
+            out_shift=nc.qkv_bits - nc.act_bits, head_lanes=plan.head_lanes, **banked(group))
+        swiglu = SwiGLU(n=c.hidden_dim,
+                        in_bits=same(group, "w1 output width", lambda L: L.w1.requant.out_bits),
+                        up_bits=same(group, "w3 output width", lambda L: L.w3.requant.out_bits),
+                        silu_table=per_layer(group, "silu_table", lambda L: L.silu_table),
+                        silu_offset=per_layer(group, "silu_offset", lambda L: L.silu_offset),
+                        mult=per_layer(group, "hid_mult", lambda L: L.hid_mult),
+                        shift=per_layer(group, "hid_shift", lambda L: L.hid_shift),
+                        out_bits=nc.act_bits, lanes=plan.swiglu_lanes,
+                        exp_max=nc.hid_exp_max, **banked(group))
+        return DecoderLayer(attn_norm=norm([L.attn_norm for L in group]), rope_q=rope(c.dim),
+                            rope_k=rope(c.kv_dim), attention=attention,
+                            ffn_norm=norm([L.ffn_norm for L in group]), swiglu=swiglu, **mv)
+
+    # a tied classifier folded 1 x embed_lanes reads the embedding's ROM (one table)
+    tied = classifier_reads_embedding(qm, plan)
     e = qm.embed
     embedding = EmbeddingROM(table=e.q, weight_bits=e.bits, mult=e.requant.mult,
                              shift=e.requant.shift, out_bits=e.requant.out_bits,
-                             lanes=plan.embed_lanes)
-    layers = []
-    for i, L in enumerate(qm.layers):
-        mv = {n: matvec(getattr(L, n), f"L{i}.{n}", nc.act_bits, i) for n in MATRIX_NAMES}
-        attention = Attention(
-            n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_size=c.head_size,
-            n_pos=c.seq_len, exp_table=tb.exp, exp_mult=L.exp_mult, exp_shift=L.exp_shift,
-            recip_table=tb.recip, recip_bits=tc.recip_bits, recip_frac=tc.recip_frac,
-            exp_len=tc.exp_len, bits=nc.qkv_bits, out_bits=nc.act_bits,
-            out_shift=nc.qkv_bits - nc.act_bits, head_lanes=plan.head_lanes)
-        swiglu = SwiGLU(n=c.hidden_dim, in_bits=L.w1.requant.out_bits,
-                        up_bits=L.w3.requant.out_bits, silu_table=L.silu_table,
-                        silu_offset=L.silu_offset, mult=L.hid_mult, shift=L.hid_shift,
-                        out_bits=nc.act_bits, lanes=plan.swiglu_lanes,
-                        exp_max=nc.hid_exp_max)
-        layers.append(DecoderLayer(attn_norm=norm(L.attn_norm), rope_q=rope(c.dim),
-                                   rope_k=rope(c.kv_dim), attention=attention,
-                                   ffn_norm=norm(L.ffn_norm), swiglu=swiglu, **mv))
+                             lanes=plan.embed_lanes, shared_reader=tied)
+    if plan.shared_layers and c.n_layers > 1:
+        if lora is not None:
+            raise ValueError("LoRA needs dedicated layers: a layer-serial chip (fold "
+                             "layers=shared) has no LoRA path")
+        layers = [decoder(0, list(qm.layers))]
+    else:
+        layers = [decoder(i, [L]) for i, L in enumerate(qm.layers)]
     words = id_rom_words(model_hash=qm.model_hash, dim=c.dim, n_layers=c.n_layers,
                          n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, hidden_dim=c.hidden_dim,
                          vocab_size=c.vocab_size, seq_len=c.seq_len, weight_bits=qm.wbits,
@@ -163,6 +212,7 @@ def build_chip(qm, plan=None, *, lora=None):
                          **({} if lora is None else dict(
                              lora_mask=target_mask(lora.targets), lora_r_max=lora.r_max,
                              lora_image_length=loader.image_length)))
-    return LlamaChip(embedding=embedding, layers=layers, final_norm=norm(qm.final_norm),
-                     classifier=matvec(qm.classifier, "classifier", nc.act_bits),
+    return LlamaChip(embedding=embedding, layers=layers, final_norm=norm([qm.final_norm]),
+                     classifier=matvec([qm.classifier], "classifier", nc.act_bits,
+                                       rom_port=tied),
                      id_words=words, **({} if loader is None else {"lora_loader": loader}))

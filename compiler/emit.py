@@ -93,6 +93,7 @@ def _plan_dict(plan):
         "head_lanes": plan.head_lanes, "norm_lanes": plan.norm_lanes,
         "rope_lanes": plan.rope_lanes, "swiglu_lanes": plan.swiglu_lanes,
         "embed_lanes": plan.embed_lanes, "argmax_lanes": plan.argmax_lanes,
+        "layers": "shared" if plan.shared_layers else "dedicated",
         "summary": plan.summary().splitlines(),
     }
 

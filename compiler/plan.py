@@ -30,9 +30,14 @@ item                        meaning
 ``attn=H``                  attention heads computed in parallel (divides n_heads)
 ``norm=N`` ``rope=N``       lanes of the RMSNorms, RoPEs (pairs per cycle),
 ``swiglu=N`` ``embed=N``    SwiGLU and embedding (each must divide its vector length)
+``layers=dedicated|shared`` one decoder unit per layer (default), or one unit that holds every
+                            layer's constants and computes the layers one after another
+                            ("layer-serial": same cycles per token, about 1/n_layers of the
+                            layer logic and flip-flops; every layer gets the same folds)
 ==========================  =====================================================================
 
-For example ``"pe=4,simd=8"``, ``"target=128,attn=4"`` or ``"wq=8x8,w2=4x4:const,attn=2"``.
+For example ``"pe=4,simd=8"``, ``"target=128,attn=4"``, ``"wq=8x8,w2=4x4:const,attn=2"`` or
+``"layers=shared,target=1000000000"``.
 """
 
 import re
@@ -43,6 +48,7 @@ __all__ = [
     "ChipPlan",
     "MatrixFold",
     "attention_mac_units",
+    "classifier_reads_embedding",
     "default_target",
     "mac_units",
     "parse_fold",
@@ -54,6 +60,7 @@ __all__ = [
 MATRIX_NAMES = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
 FORMS = ("rom", "const")
 LANE_KEYS = ("attn", "norm", "rope", "swiglu", "embed")
+LAYER_MODES = ("dedicated", "shared")
 # cost of one MatVecUnit output lane (accumulator, requantizer multiply) in multipliers
 LANE_COST = 4
 # pipeline registers of a MatVecUnit between a row group's last step and its chunk
@@ -110,6 +117,8 @@ class ChipPlan:
     ``rope_lanes`` (pairs per cycle, q and k), ``swiglu_lanes``, ``embed_lanes``: elements per
     cycle of those blocks. The argmax takes the classifier's chunks, so its lanes are the
     classifier's ``pe``. ``target`` is the step target the plan was made for (informative).
+    ``shared_layers``: one decoder unit computes every layer in turn (``layers=shared``); the
+    layers' folds are then identical, and ``matrices`` still lists them per layer.
     """
 
     matrices: dict
@@ -119,6 +128,7 @@ class ChipPlan:
     swiglu_lanes: int
     embed_lanes: int
     target: int | None = None
+    shared_layers: bool = False
     n_heads: int = field(default=0, repr=False)
     head_size: int = field(default=0, repr=False)
 
@@ -143,6 +153,8 @@ class ChipPlan:
                 continue
             same = [j for j, f in enumerate(layers) if f == folds]
             which = f"L{i}" if len(same) == 1 else f"L{same[0]}..L{same[-1]}"
+            if self.shared_layers:
+                which = f"L0..L{self.n_layers - 1} (one shared unit)"
             lines.append(f"{which}: " + ", ".join(
                 f"{n} {f.label()} ({f.steps} steps)" for n, f in zip(MATRIX_NAMES, folds)))
         cls = self.matrices["classifier"]
@@ -171,7 +183,7 @@ def _positive(key, text):
 def parse_fold(text):
     """Parse a fold string (syntax in the module docstring) into a dict.
 
-    Keys of the result: ``target``, ``macs``, ``pe``, ``simd``, ``form``, the lane keys
+    Keys of the result: ``target``, ``macs``, ``pe``, ``simd``, ``form``, ``layers``, the lane keys
     ``attn norm rope swiglu embed`` (ints), and ``matrices``: ``{"wq" | "L2.wq" | "cls":
     (pe, simd, form or None)}``. Raises ``ValueError`` with a one-line message.
     """
@@ -191,6 +203,10 @@ def parse_fold(text):
             if value not in FORMS:
                 raise ValueError(f"fold: form must be rom or const, not {value!r}")
             out[key] = value
+        elif key == "layers":
+            if value not in LAYER_MODES:
+                raise ValueError(f"fold: layers must be dedicated or shared, not {value!r}")
+            out[key] = value
         elif _NAME_RE.match(key):
             m = _FOLD_RE.match(value)
             if not m:
@@ -201,7 +217,7 @@ def parse_fold(text):
                 raise ValueError(f"fold: {key}={value!r}: pe and simd must be positive")
             out["matrices"][key] = (pe, simd, m.group(3))
         else:
-            raise ValueError(f"fold: unknown key {key!r} (target, macs, pe, simd, form, "
+            raise ValueError(f"fold: unknown key {key!r} (target, macs, pe, simd, form, layers, "
                              f"{', '.join(LANE_KEYS)}, a matrix {'/'.join(MATRIX_NAMES)}/cls "
                              "or L<i>.<matrix>)")
     return out
@@ -259,6 +275,7 @@ def default_target(config):
 def _plan_for_target(qm, target, spec):
     c = qm.config
     form = spec.get("form", "rom")
+    shared = spec.get("layers", "dedicated") == "shared"
     shapes = dict(_shapes(c), cls=(c.vocab_size, c.dim))
     mats = spec["matrices"]
 
@@ -281,11 +298,19 @@ def _plan_for_target(qm, target, spec):
             raise ValueError(f"fold: {k}: the model has {c.n_layers} layers")
         if m.group(1) is not None and m.group(2) == "cls":
             raise ValueError(f"fold: {k}: the classifier is not in a layer")
+        if shared and m.group(1) is not None:
+            raise ValueError(f"fold: {k}: with layers=shared every layer has the same folds "
+                             f"(give {m.group(2)}=PxS)")
     matrices = {}
     for i in range(c.n_layers):
         for n in MATRIX_NAMES:
             matrices[f"L{i}.{n}"] = fold(n, f"L{i}.{n}")
     matrices["classifier"] = fold("cls", "cls")
+    if shared:
+        const = [n for n in MATRIX_NAMES if matrices[f"L0.{n}"].form != "rom"]
+        if const:
+            raise ValueError(f"fold: {const[0]}: with layers=shared the layer matrices must be "
+                             "rom (the shared unit reads each layer's weights from one ROM)")
     bound = max(f.steps for k, f in matrices.items() if k != "classifier")
 
     def lanes(key, n, what, default):
@@ -306,7 +331,7 @@ def _plan_for_target(qm, target, spec):
                              if c.dim // 2 // d <= max(1, quarter) or d == kv_pairs)),
         swiglu_lanes=lanes("swiglu", c.hidden_dim, "hidden_dim", _lanes(c.hidden_dim, quarter)),
         embed_lanes=lanes("embed", c.dim, "dim", _lanes(c.dim, quarter)),
-        target=target, n_heads=c.n_heads, head_size=c.head_size)
+        target=target, shared_layers=shared, n_heads=c.n_heads, head_size=c.head_size)
 
 
 def plan_chip(qm, *, target_cycles=None, mac_budget=None, fold=None):
@@ -348,7 +373,8 @@ def predict_cycles(qm, plan, pos):
     """Cycles of one token at ``pos``, stage by stage on the critical path: ``embed``,
     ``L{i}.attn_norm``, ``L{i}.qkv`` (slowest of q+RoPE, k+RoPE, v), ``L{i}.attention``,
     ``L{i}.wo``, ``L{i}.attn_res``, ``L{i}.ffn_norm``, ``L{i}.w1w3``, ``L{i}.swiglu``,
-    ``L{i}.w2``, ``L{i}.ffn_res``, ``final_norm``, ``classifier``, ``argmax``, and ``total``
+    ``L{i}.w2``, ``L{i}.ffn_res`` (a layer-serial plan also ``L{i}.handoff``, 1, for every
+    layer but the last), ``final_norm``, ``classifier``, ``argmax``, and ``total``
     (= ``LlamaChip.cycles_per_token(pos)``)."""
     c = qm.config
     if not 0 <= pos < c.seq_len:
@@ -373,6 +399,10 @@ def predict_cycles(qm, plan, pos):
             f"L{i}.w2": f["w2"].cycles(),
             f"L{i}.ffn_res": 1,
         })
+        if plan.shared_layers and i < c.n_layers - 1:
+            # the shared unit's output goes back to its input a cycle after the layer
+            # counter moved on (LlamaChip's layer-serial loop)
+            out[f"L{i}.handoff"] = 1
     cls = plan.matrices["classifier"]
     out["final_norm"] = norm
     out["classifier"] = cls.steps + _MATVEC_DEPTH[cls.form]
@@ -382,21 +412,35 @@ def predict_cycles(qm, plan, pos):
 
 
 def mac_units(plan):
-    """Multipliers of the projections and the classifier: ``sum(pe * simd)``."""
-    return sum(f.mac_units for f in plan.matrices.values())
+    """Multipliers of the projections and the classifier: ``sum(pe * simd)`` (one layer's
+    units when the layers share one, :attr:`ChipPlan.shared_layers`)."""
+    return sum(f.mac_units for k, f in plan.matrices.items()
+               if not (plan.shared_layers and k.startswith("L") and not k.startswith("L0.")))
 
 
 def attention_mac_units(plan):
     """Multipliers of the attention lanes: a ``head_size`` dot product and a ``head_size``
-    row update per head lane and layer."""
-    return plan.n_layers * plan.head_lanes * 2 * plan.head_size
+    row update per head lane and decoder unit (one unit when the layers share one)."""
+    units = 1 if plan.shared_layers else plan.n_layers
+    return units * plan.head_lanes * 2 * plan.head_size
+
+
+def classifier_reads_embedding(qm, plan):
+    """Whether the chip's classifier reads the embedding table's ROM instead of its own copy:
+    a tied classifier (the same integer table, the same width) folded ``1 x embed_lanes`` in
+    a ROM, whose words are then exactly the embedding ROM's rows."""
+    import numpy as np
+    f = plan.matrices["classifier"]
+    return bool(qm.config.shared_classifier and f.form == "rom" and f.pe == 1
+                and f.simd == plan.embed_lanes and qm.classifier.bits == qm.embed.bits
+                and np.array_equal(qm.classifier.q, qm.embed.q))
 
 
 def rom_bits(qm, plan):
     """Weight bits held in block-RAM ROMs, by unit (``embed``, ``L{i}.{name}``,
     ``classifier``) plus ``total``. Matrices of form ``const`` are logic and count 0. With a
-    shared classifier its table is the embedding's, but it has its own (folded) ROM here,
-    so it counts twice."""
+    shared classifier its table is the embedding's; it counts twice unless the classifier
+    reads the embedding's ROM (:func:`classifier_reads_embedding`)."""
     out = {"embed": qm.embed.q.size * qm.embed.bits}
     for i, L in enumerate(qm.layers):
         for n in MATRIX_NAMES:
@@ -404,7 +448,8 @@ def rom_bits(qm, plan):
             out[f"L{i}.{n}"] = m.q.size * m.bits if plan.matrices[f"L{i}.{n}"].form == "rom" \
                 else 0
     cl = qm.classifier
-    out["classifier"] = cl.q.size * cl.bits if plan.matrices["classifier"].form == "rom" else 0
+    own = plan.matrices["classifier"].form == "rom" and not classifier_reads_embedding(qm, plan)
+    out["classifier"] = cl.q.size * cl.bits if own else 0
     out["total"] = sum(out.values())
     return out
 

@@ -184,6 +184,14 @@ def _in(name, paths):
     return any(name == p or name.endswith("." + p) for p in paths)
 
 
+def expected_weight_roms(bits, plan):
+    """Weight ROMs a chip of ``plan`` has, from :func:`~hardwire.compiler.plan.rom_bits`
+    ``bits``: one per unit with ROM bits, but one per matrix for all layers together when
+    the layers share a unit (``L0.<name>`` stands for them)."""
+    return sum(1 for k, v in bits.items() if k != "total" and v > 0 and not (
+        plan.shared_layers and k.startswith("L") and not k.startswith("L0.")))
+
+
 def check_roms(memories, *, expected_roms, rom_bits, dp16kd_used, logic_roms=()):
     """Weight ROM placement check (see the module docstring). ``logic_roms``: memory paths
     the memory rule put in LUT logic (:func:`~.fit.memory_rule`; may be ``FF`` in the Yosys
@@ -347,8 +355,11 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
     within the device's (or ``limits``: ``{"FF": n, "DP16KD": n}`` overrides), its
     multipliers on the MULT18X18D blocks (at most ``dsp_budget``, default all) with the
     narrowest ones mapped to LUT logic (:func:`soft_multipliers`) up to ``soft_lut_budget``
-    estimated LUT4. The most folded plan is tried first (if it does not fit, nothing does),
-    then the planner's, then up to three ``macs=`` budgets between them. Returns ``(build,
+    estimated LUT4. The most folded plan is tried first (if it does not fit, no other does),
+    then the planner's, then ``pe=1,simd=S`` for S = 16, 8, 4, 2 (narrow ROM words, which
+    pack block RAM best), then up to three ``macs=`` budgets between the most folded and the
+    planner's. When no plan with a unit per layer fits, the same search runs with
+    ``layers=shared`` (one decoder unit for every layer). Returns ``(build,
     fit report)``; writes the report to ``fit_json`` if given, also (before raising
     :class:`HardwireError`) when nothing fits."""
     from hardwire.compiler.plan import attention_mac_units, mac_units
@@ -411,15 +422,31 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
             refuse(b, f"the plan --fold {fold}")
         return b, report(b, "--fold")
     # the most folded plan first: the smallest and quickest to elaborate; when even it does
-    # not fit, no plan does, and the build stops before the (slow) planner default
+    # not fit, no plan with a unit per layer does, and the search moves on to layer-serial
+    # plans (one shared decoder unit, fold layers=shared) before the (slow) planner default
+    shared = ""
     most = build(MOST_FOLDED)
+    if not most.fits and qm.config.n_layers > 1 and lora is None:
+        shared = ",layers=shared"
+        most = build(MOST_FOLDED + shared)
     if not most.fits:
         pm = most.design.plan
         refuse(most, f"even the most folded plan ({mac_units(pm)} projection and classifier "
-                     f"MACs, {attention_mac_units(pm)} attention lanes)")
-    b = build(None)
+                     f"MACs, {attention_mac_units(pm)} attention lanes"
+                     f"{', layers shared' if shared else ''})")
+    b = build(shared[1:] or None)
     if b.fits:
-        return b, report(b, "planner default (fits)")
+        return b, report(b, "planner default (fits)" + (", layers shared" if shared else ""))
+    # narrow ROM words pack block RAM best: one row per step, simd weights wide (a tied
+    # classifier at the embedding's lanes reads the embedding ROM); the widest that fits
+    dim = qm.config.dim
+    for simd in (16, 8, 4, 2):
+        if dim % simd:
+            continue
+        c = build(f"pe=1,simd={simd},embed={simd}{shared}")
+        if c.fits:
+            return c, report(c, f"pe=1, simd<={simd} (fits)" +
+                             (", layers shared" if shared else ""))
     # between the two: the largest projection budget that still fits
     hi, lo = mac_units(b.design.plan), mac_units(most.design.plan)
     best = most
@@ -428,14 +455,15 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
         if mid <= lo:
             break
         try:
-            c = build(f"macs={mid}")
+            c = build(f"macs={mid}{shared}")
         except HardwireError:
             break
         if c.fits:
             best, lo = c, mid
         else:
             hi = mid
-    how = "most folded (fits)" if best is most else "folded to fit"
+    how = ("most folded (fits)" if best is most else "folded to fit") + \
+        (", layers shared" if shared else "")
     return best, report(best, how)
 
 
@@ -481,7 +509,7 @@ def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, b
                             nextpnr_opts=nextpnr_opts, pre_synth=booth_commands(b.soft))
 
     bits = rom_bits(qm, design.plan)
-    expected = sum(1 for k, v in bits.items() if k != "total" and v > 0)
+    expected = expected_weight_roms(bits, design.plan)
     util = flow["utilization"]
     mems = b.estimate["memories"]
     weight = {p: m for p, m in mems.items() if _WEIGHT_ROM.search(p) or _EMBED_ROM.search(p)}

@@ -169,8 +169,9 @@ def _build_parser():
     p.add_argument("--wbits", default="8", help="weight widths (8, 4, 3/6, '4,embed=8')")
     _add_qat_arg(p)
     p.add_argument("--fold", default=None,
-                   help="folding, e.g. 'pe=4,simd=8' or 'wq=8x8,w2=4x4,attn=2' (default: "
-                        "planned)")
+                   help="folding, e.g. 'pe=4,simd=8' or 'wq=8x8,w2=4x4,attn=2'; "
+                        "'layers=shared' builds one decoder unit for every layer (default: "
+                        "planned, a unit per layer)")
     p.add_argument("--target-cycles", type=_positive_int, default=None,
                    help="planner: aim for this many cycles per matrix")
     p.add_argument("--mac-budget", type=_positive_int, default=None,

@@ -5,10 +5,11 @@ saturation) as Amaranth expressions, so each block spells the arithmetic the sam
 """
 
 from amaranth.hdl import Cat, Const, Mux, Shape, signed, unsigned, Value
-from amaranth.lib import data
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
 
 __all__ = ["rshift_round", "rshift_round_var", "saturate", "signed_range", "bits_for",
-           "tree_sum", "vector_layout", "exp_vector_layout", "pos_shape"]
+           "tree_sum", "vector_layout", "exp_vector_layout", "pos_shape", "rom_read_signature"]
 
 
 def signed_range(bits):
@@ -91,3 +92,10 @@ def xor_terms(inputs, terms):
             v = v ^ inputs[t]
         out.append(v)
     return Cat(*out)
+
+
+def rom_read_signature(*, depth, width):
+    """A synchronous ROM read port seen from its reader: ``addr`` and ``en`` out, ``data``
+    (the word at the ``addr`` of the last cycle ``en`` was high) in."""
+    return wiring.Signature({"addr": Out(range(depth)), "en": Out(1),
+                             "data": In(unsigned(width))})

@@ -1,4 +1,5 @@
-"""Causal multi-head attention of one layer over its own KV cache (``numerics.attention_head``)."""
+"""Causal multi-head attention of one layer (or of ``n_layers`` layers, one at a time) over
+its own KV cache (``numerics.attention_head``)."""
 
 import operator
 
@@ -44,6 +45,24 @@ def _exp_clamp(exp_mult, exp_shift, exp_len):
     return max(0, -(-need // exp_mult))
 
 
+def _per_layer(name, value, n_layers):
+    """``value``: a sequence of ``n_layers`` ints (a per-layer scalar of a banked block)."""
+    try:
+        values = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of n_layers ({n_layers}) ints, not "
+                         f"{value!r}") from None
+    if len(values) != n_layers:
+        raise ValueError(f"{name} has {len(values)} entries, not n_layers ({n_layers})")
+    out = []
+    for layer, v in enumerate(values):
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            raise ValueError(f"layer {layer}: {name} must be an int, not {v!r}") from None
+    return tuple(out)
+
+
 class Attention(wiring.Component):
     """One layer's attention: store ``k``/``v`` at ``pos``, then every head over ``0..pos``.
 
@@ -78,6 +97,17 @@ class Attention(wiring.Component):
     An input with ``pos >= n_pos`` (context full) is consumed without output, leaves the cache
     unchanged and sets the sticky ``error``.
 
+    Banked (``n_layers = L > 1``): the unit computes the attention of any of ``L`` layers, the
+    one on the ``layer`` port. ``exp_mult`` and ``exp_shift`` are per layer (sequences of
+    ``L`` ints), the exp and reciprocal tables are shared. The KV cache holds ``L * n_pos``
+    rows, the layer in the high address bits: an input at ``pos`` of layer ``l`` writes row
+    ``(l, pos)`` and attends over rows ``(l, 0..pos)``, so every layer has its own context.
+    The gap clamp is the largest of the layers' clamps (exact for every layer: beyond its own
+    clamp a layer's gaps all index the last table entry, and the index only grows with the
+    gap); the ``exp_mult`` product is a multiplier by the layer's constant (selected from
+    ``layer``), and the exp-table index the layer's rounding shift of it (a choice of ``L``
+    constant shifts): the same pipeline stages and cycles as ``L = 1``.
+
     Parameters
     ----------
     n_heads, n_kv_heads : int
@@ -88,8 +118,9 @@ class Attention(wiring.Component):
         Context length (rows of the KV cache).
     exp_table : numpy integer array
         Softmax weights ``round(2**exp_frac * exp(-i * step))``, at least ``exp_len`` entries.
-    exp_mult, exp_shift : int
-        Score gap to exp-table index scale (``QLayer.exp_mult``/``exp_shift``).
+    exp_mult, exp_shift : int, or sequence of ``n_layers`` ints
+        Score gap to exp-table index scale (``QLayer.exp_mult``/``exp_shift``): one int, or
+        with ``n_layers > 1`` one per layer (the properties return tuples then).
     recip_table : numpy integer array
         ``2**(recip_bits-1)`` reciprocals of the mantissa of ``Z``.
     recip_bits, recip_frac : int
@@ -104,6 +135,8 @@ class Attention(wiring.Component):
         Extra right shift of the output (``qkv_bits - act_bits`` narrows the values' scale).
     head_lanes : int
         Heads computed in parallel; divides ``n_heads``.
+    n_layers : int
+        Layers the unit computes (default 1: today's single-layer unit, no ``layer`` port).
 
     Members
     -------
@@ -116,15 +149,27 @@ class Attention(wiring.Component):
         Heads' outputs, concatenated (head 0 in the LSBs).
     error : ``Out(1)``
         Sticky: an input had ``pos >= n_pos``.
+    layer : ``In(range(n_layers))``
+        Only when ``n_layers > 1``: the layer of the input, set at (or before) the input
+        transfer and held until its output transfer; it selects the layer's constants and
+        its rows of the KV cache.
     """
 
     def __init__(self, *, n_heads, n_kv_heads, head_size, n_pos, exp_table, exp_mult, exp_shift,
                  recip_table, recip_bits, recip_frac, exp_len, bits=8, out_bits=None,
-                 out_shift=0, head_lanes=1):
+                 out_shift=0, head_lanes=1, n_layers=1):
         out_bits = bits if out_bits is None else out_bits
-        (n_heads, n_kv_heads, head_size, n_pos, exp_mult, exp_shift, recip_bits, recip_frac,
+        n_layers = operator.index(n_layers)
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, not {n_layers}")
+        if n_layers == 1:
+            mults, shifts = (operator.index(exp_mult),), (operator.index(exp_shift),)
+        else:
+            mults = _per_layer("exp_mult", exp_mult, n_layers)
+            shifts = _per_layer("exp_shift", exp_shift, n_layers)
+        (n_heads, n_kv_heads, head_size, n_pos, recip_bits, recip_frac,
          exp_len, bits, out_bits, out_shift, head_lanes) = map(operator.index, (
-            n_heads, n_kv_heads, head_size, n_pos, exp_mult, exp_shift, recip_bits,
+            n_heads, n_kv_heads, head_size, n_pos, recip_bits,
             recip_frac, exp_len, bits, out_bits, out_shift, head_lanes))
         for name, value in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads),
                             ("head_size", head_size), ("n_pos", n_pos), ("exp_len", exp_len),
@@ -139,13 +184,18 @@ class Attention(wiring.Component):
         if bits < 2 or out_bits < 2:
             raise ValueError(f"bits ({bits}) and out_bits ({out_bits}) must be at least 2 for "
                              "signed elements")
-        for name, value in (("exp_shift", exp_shift), ("recip_frac", recip_frac),
-                            ("out_shift", out_shift)):
+        def where(layer):
+            return "" if n_layers == 1 else f"layer {layer}: "
+        for layer, value in enumerate(shifts):
+            if value < 0:
+                raise ValueError(f"{where(layer)}exp_shift must be non-negative, not {value}")
+        for name, value in (("recip_frac", recip_frac), ("out_shift", out_shift)):
             if value < 0:
                 raise ValueError(f"{name} must be non-negative, not {value}")
-        if not 0 <= exp_mult < 1 << (_MUL_BITS - 1):
-            raise ValueError(f"exp_mult ({exp_mult}) must lie in [0, 2**{_MUL_BITS - 1}) to be "
-                             "a multiplier operand")
+        for layer, value in enumerate(mults):
+            if not 0 <= value < 1 << (_MUL_BITS - 1):
+                raise ValueError(f"{where(layer)}exp_mult ({value}) must lie in "
+                                 f"[0, 2**{_MUL_BITS - 1}) to be a multiplier operand")
         exp_table = _int_table("exp_table", exp_table)
         if exp_table.size < exp_len:
             raise ValueError(f"exp_table has {exp_table.size} entries, fewer than exp_len "
@@ -167,13 +217,13 @@ class Attention(wiring.Component):
             raise ValueError(f"acc * recip needs {need} bits, more than the golden model's 64")
         self._n_heads, self._n_kv_heads, self._head_size, self._n_pos = \
             n_heads, n_kv_heads, head_size, n_pos
-        self._exp_table, self._exp_mult, self._exp_shift, self._exp_len = \
-            exp_table, exp_mult, exp_shift, exp_len
+        self._n_layers, self._mults, self._shifts = n_layers, mults, shifts
+        self._exp_table, self._exp_len = exp_table, exp_len
         self._recip_table, self._recip_bits, self._recip_frac = \
             recip_table, recip_bits, recip_frac
         self._bits, self._out_bits, self._out_shift = bits, out_bits, out_shift
         self._head_lanes = head_lanes
-        super().__init__({
+        members = {
             "i": In(stream.Signature(data.StructLayout({
                 "pos": pos_shape(n_pos),
                 "q": vector_layout(bits, self.dim),
@@ -182,14 +232,16 @@ class Attention(wiring.Component):
             }))),
             "o": Out(stream.Signature(vector_layout(out_bits, self.dim))),
             "error": Out(1),
-        })
+        }
+        if n_layers > 1:
+            members["layer"] = In(range(n_layers))
+        super().__init__(members)
 
     n_heads = property(lambda self: self._n_heads)
     n_kv_heads = property(lambda self: self._n_kv_heads)
     head_size = property(lambda self: self._head_size)
     n_pos = property(lambda self: self._n_pos)
-    exp_mult = property(lambda self: self._exp_mult)
-    exp_shift = property(lambda self: self._exp_shift)
+    n_layers = property(lambda self: self._n_layers)
     exp_len = property(lambda self: self._exp_len)
     recip_bits = property(lambda self: self._recip_bits)
     recip_frac = property(lambda self: self._recip_frac)
@@ -197,6 +249,16 @@ class Attention(wiring.Component):
     out_bits = property(lambda self: self._out_bits)
     out_shift = property(lambda self: self._out_shift)
     head_lanes = property(lambda self: self._head_lanes)
+
+    @property
+    def exp_mult(self):
+        """``exp_mult`` (an int; with ``n_layers > 1`` a tuple, one per layer)."""
+        return self._mults[0] if self._n_layers == 1 else self._mults
+
+    @property
+    def exp_shift(self):
+        """``exp_shift`` (an int; with ``n_layers > 1`` a tuple, one per layer)."""
+        return self._shifts[0] if self._n_layers == 1 else self._shifts
 
     @property
     def exp_table(self):
@@ -254,7 +316,11 @@ class Attention(wiring.Component):
         r = self._ranges()
         head_vec = vector_layout(b, hs)
 
-        m.submodules.cache = cache = KVCache(n_pos=self._n_pos, kv_dim=self.kv_dim, bits=b)
+        n_layers = self._n_layers
+        m.submodules.cache = cache = KVCache(n_pos=self._n_pos, kv_dim=self.kv_dim, bits=b,
+                                             n_layers=n_layers)
+        if n_layers > 1:
+            m.d.comb += cache.layer.eq(self.layer)
         kv_w = stream.Signature(cache.w.payload.shape()).create()
         kv_r = cache.read.signature.flip().create()
         wiring.connect(m, kv_w, cache.w)
@@ -328,7 +394,17 @@ class Attention(wiring.Component):
                     m.next = "IDLE"
 
         # -- lanes --------------------------------------------------------------------------
-        dcap = min(r["gap_max"], _exp_clamp(self._exp_mult, self._exp_shift, self._exp_len))
+        # the largest layer's clamp: exact for every layer (a layer's gaps beyond its own clamp
+        # all index the last table entry, and the index never falls as the gap grows)
+        dcap = max(min(r["gap_max"], _exp_clamp(mult, shift, self._exp_len))
+                   for mult, shift in zip(self._mults, self._shifts))
+        if n_layers > 1:
+            # the layer's exp_mult: the multiplier's constant operand
+            exp_mult = Signal(range(max(self._mults) + 1))
+            with m.Switch(self.layer):
+                for layer, mult in enumerate(self._mults):
+                    with m.Case(layer):
+                        m.d.comb += exp_mult.eq(mult)
         # output stages F0..F5 of a head group (valid and group index of each)
         fv = [Signal(name=f"f{i}_valid") for i in range(6)]
         fg = [Signal(range(G), name=f"f{i}_g") for i in range(6)]
@@ -412,14 +488,27 @@ class Attention(wiring.Component):
             with m.If(b2v):
                 m.d.sync += b1_gap.eq(Mux(top - b_s > dcap, dcap, top - b_s))
 
-            # stage B1: the gap's product by exp_mult (a constant: LUT adders), registered
-            product = b1_gap * self._exp_mult
-            bp_prod = Signal.like(product, name=f"bp_prod{lane}", reset_less=True)
+            # stage B1: the gap's product by exp_mult (a constant: LUT adders; banked, a
+            # multiplier by the layer's constant), registered
+            if n_layers == 1:
+                product = b1_gap * self._mults[0]
+                bp_prod = Signal.like(product, name=f"bp_prod{lane}", reset_less=True)
+            else:
+                product = b1_gap * exp_mult
+                bp_prod = Signal(range(dcap * max(self._mults) + 1), name=f"bp_prod{lane}",
+                                 reset_less=True)
             with m.If(b1v):
                 m.d.sync += bp_prod.eq(product)
 
-            # stage BP: the exp-table index of the gap (registered: the ROM address)
-            index = rshift_round(bp_prod, self._exp_shift)
+            # stage BP: the exp-table index of the gap (registered: the ROM address); banked,
+            # the layer's rounding shift (one rounding per distinct shift, chosen by layer)
+            if n_layers == 1:
+                index = rshift_round(bp_prod, self._shifts[0])
+            else:
+                rounded = {s: rshift_round(bp_prod, s) for s in self._shifts}
+                index = rounded[self._shifts[-1]]
+                for layer in reversed(range(n_layers - 1) if len(rounded) > 1 else ()):
+                    index = Mux(self.layer == layer, rounded[self._shifts[layer]], index)
             b2_index = Signal(range(self._exp_len), name=f"b2_index{lane}", reset_less=True)
             with m.If(bpv):
                 m.d.sync += b2_index.eq(Mux(index > self._exp_len - 1, self._exp_len - 1,

@@ -8,7 +8,9 @@ cycle formulas.)
 
 import operator
 
-from amaranth.hdl import Module, Signal, unsigned
+import numpy as np
+
+from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -98,6 +100,15 @@ class LlamaChip(wiring.Component):
     produces exactly one ``token_out``, in order. Cycles from the ``token_in`` transfer at
     position ``pos`` to the first cycle ``token_out.valid`` is high: :meth:`cycles_per_token`.
 
+    **Layer-serial chip**: ``layers`` may instead be a single :class:`DecoderLayer` whose
+    blocks hold the constants of all ``L = layer.n_layers`` layers (one shared unit, one
+    KV cache with ``L`` regions). The residual vector then loops through it ``L`` times: the
+    chip drives its ``layer`` port with a counter; the unit's output for layer ``l < L-1`` is
+    taken into a loop register (one residual vector) while the counter moves to ``l + 1``,
+    and from the next cycle that register is the unit's input; layer ``L-1``'s output goes to
+    the final norm. Cycles are the dedicated chip's plus one per loop (``L{k}.handoff`` in
+    :meth:`cycle_breakdown`), with about ``1/L`` of the layer logic and flip-flops.
+
     A token with id ``>= vocab_size`` sets the sticky ``err_token``; a token fed while
     ``pos == seq_len`` sets the sticky ``err_context``; either way it is consumed and dropped
     (no output, position and KV caches unchanged). ``reset_ctx`` (a pulse while not busy;
@@ -132,8 +143,10 @@ class LlamaChip(wiring.Component):
     whose read ports serve whichever layer's units read (one layer at a time).
 
     The shared classifier of a tied-embedding model uses the same integer table as the
-    embedding; the two are separate ROMs here (the embedding reads rows, the classifier's
-    ROM is folded by ``pe``/``simd``).
+    embedding. Folded ``1 x embedding.lanes`` (``rom_port``) it reads the embedding's ROM
+    through its ``shared`` port, so the table is stored once: the embedding reads only
+    between a token's transfer and its vector, the classifier only after the final norm.
+    Otherwise the two are separate ROMs (the classifier's folded by ``pe``/``simd``).
 
     Parameters
     ----------
@@ -188,6 +201,12 @@ class LlamaChip(wiring.Component):
             if not isinstance(layer, DecoderLayer):
                 raise ValueError(f"layers[{k}] must be a DecoderLayer, not "
                                  f"{type(layer).__name__}")
+        banked = [k for k, layer in enumerate(layers) if layer.n_layers > 1]
+        if banked and len(layers) > 1:
+            raise ValueError(f"layers[{banked[0]}] holds {layers[banked[0]].n_layers} layers: "
+                             "a layer-serial chip has exactly one (shared) DecoderLayer")
+        self._serial = bool(banked)
+        self._n_layers = layers[0].n_layers if banked else len(layers)
         if not isinstance(final_norm, RMSNorm):
             raise ValueError(f"final_norm must be an RMSNorm, not {type(final_norm).__name__}")
         if not isinstance(classifier, MatVecUnit):
@@ -212,6 +231,15 @@ class LlamaChip(wiring.Component):
              "vocab_size x dim")
         same("classifier.in_bits", classifier.in_bits, final_norm.out_bits,
              "final_norm.out_bits")
+        if classifier.rom_port:
+            if not embedding.shared_reader:
+                raise ValueError("the classifier reads its weights through a port, but the "
+                                 "embedding has no shared_reader")
+            if not (classifier.pe == 1 and classifier.simd == embedding.lanes
+                    and classifier.weight_bits == embedding.weight_bits
+                    and np.array_equal(classifier.weights, embedding.table)):
+                raise ValueError("a classifier reading the embedding ROM needs the embedding's "
+                                 "table and width, pe = 1 and simd = embedding.lanes")
         id_words = [operator.index(w) for w in id_words]
         if len(id_words) > ID_WORDS:
             raise ValueError(f"id_words has {len(id_words)} words, the ROM holds {ID_WORDS}")
@@ -260,7 +288,7 @@ class LlamaChip(wiring.Component):
             "id_addr": In(unsigned(6)),
             "id_data": Out(unsigned(32)),
             "tap_valid": Out(1),
-            "tap_layer": Out(unsigned(max(1, (len(layers) - 1).bit_length()))),
+            "tap_layer": Out(unsigned(max(1, (self._n_layers - 1).bit_length()))),
             "tap_data": Out(vector_layout(rbits, dim)),
         })
 
@@ -273,7 +301,9 @@ class LlamaChip(wiring.Component):
     lora_loader = property(lambda self: self._lora_loader)
     rope_table = property(lambda self: self._rope_table)
     dim = property(lambda self: self._dim)
-    n_layers = property(lambda self: len(self._layers))
+    n_layers = property(lambda self: self._n_layers)
+    layer_serial = property(lambda self: self._serial, doc="One shared DecoderLayer computes "
+                            "every layer in turn (see the class doc).")
     resid_bits = property(lambda self: self._resid_bits)
     seq_len = property(lambda self: self._seq_len)
     vocab_size = property(lambda self: self._vocab)
@@ -281,21 +311,26 @@ class LlamaChip(wiring.Component):
 
     @property
     def mac_units(self):
-        """Multipliers of every projection and the classifier: ``sum(pe * simd)``."""
+        """Multipliers of every projection and the classifier: ``sum(pe * simd)`` (one shared
+        unit's on a layer-serial chip)."""
         return (sum(layer.mac_units for layer in self._layers) +
                 self._classifier.mac_units)
 
     def cycle_breakdown(self, pos, *, lora_on=True):
         """Cycles per stage of one token at ``pos`` (``token_out.ready`` high), keyed
-        ``embed``, ``L{i}.<stage>`` (see :meth:`DecoderLayer.cycle_breakdown`),
+        ``embed``, ``L{i}.<stage>`` (see :meth:`DecoderLayer.cycle_breakdown`; on a
+        layer-serial chip also ``L{i}.handoff``, 1, for every layer but the last),
         ``final_norm``, ``classifier``, ``argmax``; they add up to :meth:`cycles_per_token`.
         ``lora_on``: with the adapter on (the default) or off (the base cycles)."""
         if not 0 <= pos < self._seq_len:
             raise ValueError(f"pos ({pos}) must lie in [0, seq_len = {self._seq_len})")
         out = {"embed": self._embedding.latency()}
-        for k, layer in enumerate(self._layers):
+        for k in range(self._n_layers):
+            layer = self._layers[0 if self._serial else k]
             out.update({f"L{k}.{n}": c for n, c in
                         layer.cycle_breakdown(pos, lora_on=lora_on).items()})
+            if self._serial and k < self._n_layers - 1:
+                out[f"L{k}.handoff"] = 1
         out["final_norm"] = self._final_norm.latency()
         out["classifier"] = self._classifier.cycles_per_vector()
         out["argmax"] = self._argmax.latency()
@@ -306,6 +341,40 @@ class LlamaChip(wiring.Component):
         cycle its ``token_out.valid`` is high, with ``token_out.ready`` held high. The next
         token can be taken in the cycle after the ``token_out`` transfer."""
         return sum(self.cycle_breakdown(pos, lora_on=lora_on).values())
+
+    def _serial_loop(self, m, src, work_pos):
+        """Loop the residual vector from ``src`` through the shared layer ``L`` times; returns
+        the stream of layer ``L-1``'s output. ``cur`` is the layer the unit computes. Layer
+        ``l < L-1``'s output is taken into a loop register (the unit's input is held by its
+        producer until the unit's residual add takes it, and the unit's ``i.ready`` depends
+        combinationally on its ``o.ready``, so the output cannot feed the input directly)."""
+        layer, last = self._layers[0], self._n_layers - 1
+        cur = Signal(range(self._n_layers), name="layer_cur")
+        buf = Signal.like(layer.o.payload, name="layer_loop")
+        buf_valid = Signal(name="layer_loop_valid")
+        is_last = cur == last
+        m.d.comb += [
+            layer.pos.eq(work_pos),
+            layer.layer.eq(cur),
+            layer.i.valid.eq(buf_valid | src.valid),
+            layer.i.payload.eq(Mux(buf_valid, buf, src.payload)),
+            src.ready.eq(layer.i.ready & ~buf_valid),
+        ]
+        out = stream.Signature(layer.o.payload.shape()).create(path=("layer_out",))
+        m.d.comb += [
+            out.valid.eq(layer.o.valid & is_last),
+            out.payload.eq(layer.o.payload),
+            layer.o.ready.eq(Mux(is_last, out.ready, ~buf_valid)),
+        ]
+        with m.If(layer.o.valid & layer.o.ready):
+            with m.If(is_last):
+                m.d.sync += cur.eq(0)
+            with m.Else():
+                m.d.sync += [buf.eq(layer.o.payload), buf_valid.eq(1), cur.eq(cur + 1)]
+        with m.If(buf_valid & layer.i.ready):
+            m.d.sync += buf_valid.eq(0)
+        self._tap_layer = cur
+        return out
 
     def elaborate(self, platform):
         m = Module()
@@ -340,13 +409,19 @@ class LlamaChip(wiring.Component):
             m.d.sync += [self.pos.eq(0), self.err_token.eq(0), self.err_context.eq(0)]
 
         # ---- datapath
-        src = emb.o
-        for layer in self._layers:
-            wiring.connect(m, src, layer.i)
-            m.d.comb += layer.pos.eq(work_pos)
-            src = layer.o
-        wiring.connect(m, src, norm.i)
+        if self._serial:
+            out = self._serial_loop(m, emb.o, work_pos)
+        else:
+            src = emb.o
+            for layer in self._layers:
+                wiring.connect(m, src, layer.i)
+                m.d.comb += layer.pos.eq(work_pos)
+                src = layer.o
+            out = src
+        wiring.connect(m, out, norm.i)
         wiring.connect(m, norm.o, cls.i)
+        if cls.rom_port:        # the tied classifier reads the embedding table (never both)
+            wiring.connect(m, cls.rom, emb.shared)
         wiring.connect(m, cls.o, amax.i)
         m.d.comb += [
             self.token_out.valid.eq(amax.o.valid),
@@ -382,8 +457,8 @@ class LlamaChip(wiring.Component):
         m.d.sync += self.tap_valid.eq(0)
         for k, layer in enumerate(self._layers):
             with m.If(layer.o.valid & layer.o.ready):
-                m.d.sync += [self.tap_valid.eq(1), self.tap_layer.eq(k),
-                             self.tap_data.eq(layer.o.payload)]
+                m.d.sync += [self.tap_valid.eq(1), self.tap_data.eq(layer.o.payload),
+                             self.tap_layer.eq(self._tap_layer if self._serial else k)]
 
         # ---- ID ROM (combinational)
         with m.Switch(self.id_addr):

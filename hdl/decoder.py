@@ -68,6 +68,12 @@ class DecoderLayer(wiring.Component):
         Gate (from ``w1``) times up (from ``w3``); its ``exp_max`` must be ``w2``'s (the
         exponent ``k`` reaches ``w2`` in the payload, which connects directly).
 
+    The blocks with per-layer constants (norms, projections, attention, SwiGLU) may all be
+    built with the same ``n_layers = L > 1`` (each holding the constants of ``L`` layers):
+    the unit then computes any of the ``L`` layers, chosen by its ``layer`` port, with the
+    same cycles (a layer-serial chip, :class:`~.chip.LlamaChip`, loops the residual stream
+    through it). LoRA projections are per-layer only.
+
     Members
     -------
     i : ``In(stream.Signature(vector_layout(resid_bits, dim)))``
@@ -77,6 +83,11 @@ class DecoderLayer(wiring.Component):
         (it is sampled when q, k and v enter RoPE and attention). Must be below ``n_pos``.
     o : ``Out(stream.Signature(vector_layout(resid_bits, dim)))``
         Residual stream out (golden trace ``L{i}.out``).
+    layer : ``In(range(n_layers))``
+        Only when the blocks hold several layers' constants (``n_layers > 1``, a layer-serial
+        chip): the layer this unit computes; held stable from the input transfer until the
+        output transfer, like ``pos``. Every block with per-layer constants (the norms, the
+        projections, attention and its KV cache, SwiGLU) reads it.
     rope_q_table, rope_k_table : ``Out(rope_table_signature(...))``
         Only when the RoPE units share a table (``shared_table``): their table read ports,
         served by the chip's :class:`~.rope.RoPETable`.
@@ -139,8 +150,18 @@ class DecoderLayer(wiring.Component):
         for n in MATRICES[:-1]:
             same(f"{n}.exp_max", blocks[n].exp_max, 0, "only w2 takes an exponent")
         same("w2.out_bits", w2.out_bits, rbits, "the residual width")
+        banked = ("attn_norm", "ffn_norm", "attention", "swiglu") + MATRICES
+        n_layers = getattr(attn_norm, "n_layers", 1)
+        for n in banked:
+            same(f"{n}.n_layers", getattr(blocks[n], "n_layers", 1), n_layers,
+                 "attn_norm.n_layers: every block holds the same layers")
+        if n_layers > 1 and lora:
+            raise ValueError("LoRA projections are per-layer only: a unit with n_layers > 1 "
+                             "cannot take them")
 
         self._blocks = blocks
+        self._n_layers = n_layers
+        self._banked = banked
         self._dim, self._resid_bits = dim, rbits
         self._lora = tuple(lora)
         ports = {
@@ -148,6 +169,8 @@ class DecoderLayer(wiring.Component):
             "pos": In(pos_shape(attention.n_pos)),
             "o": Out(stream.Signature(vector_layout(rbits, dim))),
         }
+        if n_layers > 1:
+            ports["layer"] = In(range(n_layers))
         if rope_q.shared_table:
             ports.update(rope_q_table=Out(rope_q.table.signature),
                          rope_k_table=Out(rope_k.table.signature))
@@ -159,6 +182,8 @@ class DecoderLayer(wiring.Component):
     dim = property(lambda self: self._dim)
     resid_bits = property(lambda self: self._resid_bits)
     n_pos = property(lambda self: self._blocks["attention"].n_pos)
+    n_layers = property(lambda self: self._n_layers, doc="Layers whose constants the unit "
+                        "holds (1: a dedicated layer; more: a shared, layer-serial unit).")
     blocks = property(lambda self: dict(self._blocks))
 
     @property
@@ -213,6 +238,8 @@ class DecoderLayer(wiring.Component):
         b = self._blocks
         for name, block in b.items():
             m.submodules[name] = block
+        if self._n_layers > 1:
+            m.d.comb += [b[n].layer.eq(self.layer) for n in self._banked]
         if b["rope_q"].shared_table:      # the table ROM is the chip's (RoPETable)
             wiring.connect(m, b["rope_q"].table, wiring.flipped(self.rope_q_table))
             wiring.connect(m, b["rope_k"].table, wiring.flipped(self.rope_k_table))

@@ -3,11 +3,12 @@
 import operator
 
 import numpy as np
-from amaranth.hdl import Cat, Const, Module, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, rshift_round, saturate, signed_range, vector_layout
+from .arith import (bits_for, rom_read_signature, rshift_round, saturate, signed_range,
+                    vector_layout)
 
 __all__ = ["EmbeddingROM"]
 
@@ -45,6 +46,10 @@ class EmbeddingROM(wiring.Component):
         Width of the output elements (the residual stream).
     lanes : int
         Elements read per cycle; must divide ``dim``.
+    shared_reader : bool
+        Give a second reader the table ROM through the port ``shared`` (one read port: its
+        ``en`` wins the address; a tied classifier reads here between tokens' embeddings, see
+        :class:`~.chip.LlamaChip`, so the table is stored once).
 
     Members
     -------
@@ -54,9 +59,14 @@ class EmbeddingROM(wiring.Component):
         Embedding vector on the residual stream.
     error : ``Out(1)``
         Sticky: an out-of-range token id was dropped. Cleared by reset.
+    shared : ``In(rom_read_signature(depth=vocab*dim/lanes, width=lanes*weight_bits))``
+        Only with ``shared_reader``: the table ROM's read port for another unit (row ``r``
+        as described above, element ``k`` at bits ``k*weight_bits``). Must not be enabled
+        while this unit reads (between a token's transfer and its output).
     """
 
-    def __init__(self, *, table, weight_bits, mult, shift, out_bits=18, lanes=1):
+    def __init__(self, *, table, weight_bits, mult, shift, out_bits=18, lanes=1,
+                 shared_reader=False):
         weight_bits, shift = operator.index(weight_bits), operator.index(shift)
         out_bits, lanes = operator.index(out_bits), operator.index(lanes)
         table, mult = np.asarray(table), np.asarray(mult)
@@ -93,11 +103,16 @@ class EmbeddingROM(wiring.Component):
         self._weight_bits, self._shift, self._out_bits, self._lanes = (
             weight_bits, shift, out_bits, lanes)
         self._token_bits = max(1, (vocab - 1).bit_length())
-        super().__init__({
+        self._shared_reader = bool(shared_reader)
+        ports = {
             "i": In(stream.Signature(unsigned(self._token_bits))),
             "o": Out(stream.Signature(vector_layout(out_bits, dim))),
             "error": Out(1),
-        })
+        }
+        if self._shared_reader:
+            ports["shared"] = In(rom_read_signature(depth=vocab * (dim // lanes),
+                                                    width=lanes * weight_bits))
+        super().__init__(ports)
 
     vocab = property(lambda self: self._table.shape[0])
     dim = property(lambda self: self._table.shape[1])
@@ -108,6 +123,7 @@ class EmbeddingROM(wiring.Component):
     out_bits = property(lambda self: self._out_bits)
     lanes = property(lambda self: self._lanes)
     token_bits = property(lambda self: self._token_bits)
+    shared_reader = property(lambda self: self._shared_reader)
 
     def latency(self):
         """Cycles from the transfer of a valid token to the first cycle ``o.valid`` is high:
@@ -147,7 +163,12 @@ class EmbeddingROM(wiring.Component):
 
         issue, v1, v2 = Signal(), Signal(), Signal()
         prod = [Signal(signed(self._weight_bits + m_bits)) for _ in range(lanes)]
-        m.d.comb += [rom_rd.addr.eq(row), rom_rd.en.eq(issue)]
+        if self._shared_reader:
+            sh = self.shared
+            m.d.comb += [rom_rd.addr.eq(Mux(sh.en, sh.addr, row)), rom_rd.en.eq(issue | sh.en),
+                         sh.data.eq(rom_rd.data.as_value())]
+        else:
+            m.d.comb += [rom_rd.addr.eq(row), rom_rd.en.eq(issue)]
         m.d.sync += [v1.eq(issue), v2.eq(v1)]
         with m.If(v1):
             m.d.sync += [prod[k].eq(rom_rd.data[k] * mult_rd.data) for k in range(lanes)]

@@ -14,7 +14,8 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, exp_vector_layout, rshift_round, saturate, tree_sum, vector_layout
+from .arith import (bits_for, exp_vector_layout, rom_read_signature, rshift_round, saturate,
+                    tree_sum, vector_layout)
 
 __all__ = ["MatVecUnit"]
 
@@ -23,11 +24,12 @@ MULT_LIMIT = 1 << 17
 FORMS = ("rom", "const")
 
 
-def _int_array(name, value, ndim):
+def _int_array(name, value, dims):
+    """``value`` as an int64 array with the axes named by ``dims``, e.g. ``("rows", "cols")``."""
     a = np.asarray(value)
-    if a.ndim != ndim:
-        what = "a 2-D (rows, cols)" if ndim == 2 else "a 1-D (rows,)"
-        raise ValueError(f"{name} must be {what} array, not shape {a.shape}")
+    if a.ndim != len(dims):
+        what = f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+        raise ValueError(f"{name} must be a {len(dims)}-D {what} array, not shape {a.shape}")
     if a.size and not np.issubdtype(a.dtype, np.integer):
         raise ValueError(f"{name} must hold integers, not {a.dtype}")
     return a.astype(np.int64)
@@ -106,18 +108,29 @@ class MatVecUnit(wiring.Component):
     before the output register, no extra cycle). ``E = 0`` builds exactly the unit without
     the option.
 
+    Banked (``n_layers = L > 1``, ``form="rom"`` only): the unit holds the constants of ``L``
+    layers (``weights`` ``(L, rows, cols)``, ``mult`` ``(L, rows)``, ``shift`` ``L`` ints) and
+    computes with those of the layer on the ``layer`` port: for ``layer = l`` exactly what the
+    single-layer unit of layer ``l``'s constants computes, in the same cycles. The weights are
+    one ``Memory`` of depth ``L*steps`` (layer ``l``'s words at ``l*steps ...``: the layer is
+    the high part of the address, which counts from the layer's base loaded at the input
+    transfer), the multipliers one of depth ``L*rows/pe`` (also with a single row group), and
+    the requantizer has one rounding shift per distinct ``shift[l] + E - k``, chosen by a
+    register loaded beside the requantizer product. The accumulator covers the worst layer.
+    ``n_layers = 1`` builds exactly the unit without the option (no ``layer`` port).
+
     Parameters
     ----------
-    weights : numpy integer array, shape (rows, cols)
-        Weight matrix, each ``|w| <= 2**(weight_bits-1) - 1``.
+    weights : numpy integer array, shape (rows, cols), or (n_layers, rows, cols)
+        Weight matrix (one per layer), each ``|w| <= 2**(weight_bits-1) - 1``.
     weight_bits : int
         Weight width, 3 to 8.
     in_bits : int
         Input element width (signed).
-    mult : numpy integer array, shape (rows,)
-        Per-row requantizer multipliers, ``0 <= m < 2**17``.
-    shift : int
-        Requantizer rounding right shift (``>= 0``).
+    mult : numpy integer array, shape (rows,), or (n_layers, rows)
+        Per-row requantizer multipliers (one row of them per layer), ``0 <= m < 2**17``.
+    shift : int, or a sequence of n_layers ints
+        Requantizer rounding right shift (one per layer), ``>= 0``.
     out_bits : int
         Output element width (signed, saturated).
     pe : int
@@ -130,6 +143,16 @@ class MatVecUnit(wiring.Component):
         Where the weights live (see above).
     exp_max : int
         ``E``: the input's largest exponent (0: none), 0 to 7.
+    correction_bits : int or None
+        Width of the LoRA correction port ``c`` (``None``: no port); see
+        :attr:`correction_bits`.
+    n_layers : int
+        ``L``: layers whose constants the unit holds (``>= 1``; above 1 only with
+        ``form="rom"``).
+    rom_port : bool
+        ``form="rom"``, one layer: the weight ROM is not built here; the unit reads it through
+        the port ``rom`` from a ROM of the same words (:meth:`rom_words`) elsewhere, e.g. the
+        embedding table that a tied classifier shares (same timing: a synchronous read).
 
     Members
     -------
@@ -137,59 +160,120 @@ class MatVecUnit(wiring.Component):
         Whole input vectors (with ``exp_max > 0``: fields ``vec`` and ``k``).
     o : ``Out(stream.Signature(vector_layout(out_bits, pe)))``
         Output chunks, ``rows/pe`` per input vector, row group 0 first.
+    c : ``In(stream.Signature(vector_layout(correction_bits, pe)))``
+        Only with ``correction_bits``: one correction chunk per row group.
+    layer : ``In(range(n_layers))``
+        Only with ``n_layers > 1``: the layer whose constants the vector is computed with. Set
+        it at (or before) the input transfer and hold it until the vector's last output
+        transfer.
+    rom : ``Out(rom_read_signature(depth=steps, width=pe*simd*weight_bits))``
+        Only with ``rom_port``: the weight ROM's read port.
     """
 
     def __init__(self, *, weights, weight_bits, in_bits=8, mult, shift, out_bits, pe, simd,
-                 acc_bits=32, form="rom", correction_bits=None, exp_max=0):
+                 acc_bits=32, form="rom", correction_bits=None, exp_max=0, n_layers=1,
+                 rom_port=False):
         if form not in FORMS:
             raise ValueError(f"form must be 'rom' or 'const', not {form!r}")
+        rom_port = bool(rom_port)
+        if rom_port and (form != "rom" or operator.index(n_layers) != 1):
+            raise ValueError("rom_port needs form='rom' and one layer")
+        L = operator.index(n_layers)
+        if L < 1:
+            raise ValueError(f"n_layers must be at least 1, not {L}")
+        if L > 1 and form != "rom":
+            raise ValueError(f"form={form!r} supports only n_layers=1, not n_layers={L}: "
+                             f"use form='rom'")
         weight_bits, in_bits, out_bits = map(operator.index, (weight_bits, in_bits, out_bits))
-        pe, simd, acc_bits, shift = map(operator.index, (pe, simd, acc_bits, shift))
+        pe, simd, acc_bits = map(operator.index, (pe, simd, acc_bits))
+        if L == 1:
+            shifts = (operator.index(shift),)
+        else:
+            try:
+                shifts = tuple(map(operator.index, shift))
+            except TypeError:
+                raise ValueError(f"shift must be a sequence of {L} ints (one per layer), not "
+                                 f"{shift!r}") from None
+            if len(shifts) != L:
+                raise ValueError(f"shift must hold {L} ints (one per layer), not "
+                                 f"{len(shifts)}")
         exp_max = operator.index(exp_max)
         if not 0 <= exp_max <= 7:
             raise ValueError(f"exp_max must lie in 0..7, not {exp_max}")
-        w = _int_array("weights", weights, 2)
-        rows, cols = w.shape
+        if L == 1:
+            w = _int_array("weights", weights, ("rows", "cols"))
+            shape, w = w.shape, w[None]
+        else:
+            w = _int_array("weights", weights, ("layers", "rows", "cols"))
+            shape = w.shape
+            if w.shape[0] != L:
+                raise ValueError(f"weights must have n_layers={L} matrices along axis 0, not "
+                                 f"shape {w.shape}")
+        rows, cols = w.shape[1:]
         if rows < 1 or cols < 1:
             raise ValueError(f"weights must have at least one row and column, not shape "
-                             f"{w.shape}")
+                             f"{shape}")
         if not 3 <= weight_bits <= 8:
             raise ValueError(f"weight_bits must be between 3 and 8, not {weight_bits}")
         if in_bits < 2:
             raise ValueError(f"in_bits must be at least 2 for signed inputs, not {in_bits}")
         if out_bits < 2:
             raise ValueError(f"out_bits must be at least 2 for signed outputs, not {out_bits}")
+
+        def where(layer):
+            return f"layer {layer}: " if L > 1 else ""
+
         wmax = (1 << (weight_bits - 1)) - 1
-        bad = np.argwhere(np.abs(w) > wmax)
-        if bad.size:
-            r, c = map(int, bad[0])
-            raise ValueError(f"weights must lie within +-{wmax} for weight_bits={weight_bits}: "
-                             f"found {int(w[r, c])} at ({r}, {c})")
-        mult = _int_array("mult", mult, 1)
-        if mult.shape != (rows,):
-            raise ValueError(f"mult must have shape ({rows},) (one per row), not {mult.shape}")
-        bad = np.flatnonzero((mult < 0) | (mult >= MULT_LIMIT))
-        if bad.size:
-            raise ValueError(f"mult must lie in [0, 2**17): found {int(mult[bad[0]])} at row "
-                             f"{int(bad[0])}")
-        if shift < 0:
-            raise ValueError(f"shift must be non-negative, not {shift}")
+        for layer in range(L):
+            bad = np.argwhere(np.abs(w[layer]) > wmax)
+            if bad.size:
+                r, c = map(int, bad[0])
+                raise ValueError(f"{where(layer)}weights must lie within +-{wmax} for "
+                                 f"weight_bits={weight_bits}: found {int(w[layer, r, c])} at "
+                                 f"({r}, {c})")
+        if L == 1:
+            mult = _int_array("mult", mult, ("rows",))
+            if mult.shape != (rows,):
+                raise ValueError(f"mult must have shape ({rows},) (one per row), not "
+                                 f"{mult.shape}")
+            mult = mult[None]
+        else:
+            mult = _int_array("mult", mult, ("layers", "rows"))
+            if mult.shape != (L, rows):
+                raise ValueError(f"mult must have shape ({L}, {rows}) (one per layer and row), "
+                                 f"not {mult.shape}")
+        for layer in range(L):
+            bad = np.flatnonzero((mult[layer] < 0) | (mult[layer] >= MULT_LIMIT))
+            if bad.size:
+                raise ValueError(f"{where(layer)}mult must lie in [0, 2**17): found "
+                                 f"{int(mult[layer, bad[0]])} at row {int(bad[0])}")
+        for layer in range(L):
+            if shifts[layer] < 0:
+                raise ValueError(f"{where(layer)}shift must be non-negative, not "
+                                 f"{shifts[layer]}")
         if pe < 1 or rows % pe:
             raise ValueError(f"pe ({pe}) must divide rows ({rows})")
         if simd < 1 or cols % simd:
             raise ValueError(f"simd ({simd}) must divide cols ({cols})")
-        worst = cols * int(np.abs(w).max()) << (in_bits - 1)
-        acc_width = bits_for(-worst, worst)
+        # the accumulator covers the worst layer
+        need = [bits_for(-(cols * int(np.abs(w[layer]).max()) << (in_bits - 1)),
+                         cols * int(np.abs(w[layer]).max()) << (in_bits - 1))
+                for layer in range(L)]
+        acc_width = max(need)
         if acc_width > acc_bits:
-            raise ValueError(f"accumulator of {acc_bits} bits overflows: worst case needs "
-                             f"{acc_width}")
+            layer = need.index(acc_width)
+            raise ValueError(f"{where(layer)}accumulator of {acc_bits} bits overflows: worst "
+                             f"case needs {acc_width}")
 
+        # per-layer constants, stacked: (L, rows, cols), (L, rows), L shifts
         self._weights = w
         self._weights.flags.writeable = False
         self._mult = mult
         self._mult.flags.writeable = False
+        self._shifts = shifts
+        self._n_layers = L
         self._weight_bits, self._in_bits, self._out_bits = weight_bits, in_bits, out_bits
-        self._pe, self._simd, self._acc_bits, self._shift = pe, simd, acc_bits, shift
+        self._pe, self._simd, self._acc_bits = pe, simd, acc_bits
         self._acc_width, self._form = acc_width, form
         self._exp_max = exp_max
         ports = {
@@ -202,26 +286,42 @@ class MatVecUnit(wiring.Component):
             if correction_bits < 2:
                 raise ValueError(f"correction_bits must be at least 2, not {correction_bits}")
             ports["c"] = In(stream.Signature(vector_layout(correction_bits, pe)))
+        if L > 1:
+            ports["layer"] = In(range(L))
+        self._rom_port = rom_port
+        if rom_port:
+            steps = (rows // pe) * (cols // simd)
+            ports["rom"] = Out(rom_read_signature(depth=steps, width=pe * simd * weight_bits))
         self._correction_bits = correction_bits
         super().__init__(ports)
 
     # -------------------------------------------------------------------------- parameters
 
     @property
+    def n_layers(self):
+        """Layers whose constants the unit holds (``L``); with ``L > 1`` the ``layer`` port
+        selects one."""
+        return self._n_layers
+
+    @property
     def weights(self):
-        return self._weights
+        """The weight matrix ``(rows, cols)``; with ``n_layers > 1`` the stack
+        ``(n_layers, rows, cols)``. Read-only."""
+        return self._weights[0] if self._n_layers == 1 else self._weights
 
     @property
     def mult(self):
-        return self._mult
+        """Requantizer multipliers ``(rows,)``; with ``n_layers > 1`` ``(n_layers, rows)``.
+        Read-only."""
+        return self._mult[0] if self._n_layers == 1 else self._mult
 
     @property
     def rows(self):
-        return self._weights.shape[0]
+        return self._weights.shape[1]
 
     @property
     def cols(self):
-        return self._weights.shape[1]
+        return self._weights.shape[2]
 
     @property
     def weight_bits(self):
@@ -237,7 +337,8 @@ class MatVecUnit(wiring.Component):
 
     @property
     def shift(self):
-        return self._shift
+        """The requantizer shift; with ``n_layers > 1`` a tuple of one per layer."""
+        return self._shifts[0] if self._n_layers == 1 else self._shifts
 
     @property
     def pe(self):
@@ -293,9 +394,9 @@ class MatVecUnit(wiring.Component):
 
     @property
     def rom_shape(self):
-        """``(depth, width)`` of the weight ROM of ``form="rom"``: ``(steps,
+        """``(depth, width)`` of the weight ROM of ``form="rom"``: ``(n_layers*steps,
         pe*simd*weight_bits)``."""
-        return self.steps, self._pe * self._simd * self._weight_bits
+        return self._n_layers * self.steps, self._pe * self._simd * self._weight_bits
 
     @property
     def mac_units(self):
@@ -335,19 +436,27 @@ class MatVecUnit(wiring.Component):
 
     # ---------------------------------------------------------------------------- hardware
 
+    @property
+    def rom_port(self):
+        """The weight ROM is read through the ``rom`` port (built elsewhere)."""
+        return self._rom_port
+
+    def rom_words(self):
+        """Contents of the weight ROM (``form="rom"``): :meth:`_rom_words`."""
+        return self._rom_words()
+
     def _rom_words(self):
         """Weight ROM contents: one word per step, lane ``p``/element ``s`` at
-        ``(p*simd + s)*weight_bits``."""
+        ``(p*simd + s)*weight_bits``; layer ``l``'s steps at ``l*steps ...``."""
         P, S, K, wb = self._pe, self._simd, self.col_steps, self._weight_bits
         mask = (1 << wb) - 1
         words = []
-        for g in range(self.row_groups):
-            for k in range(K):
-                block = self._weights[g * P:(g + 1) * P, k * S:(k + 1) * S]
-                word = 0
-                for n, v in enumerate(block.reshape(-1).tolist()):
-                    word |= (v & mask) << (n * wb)
-                words.append(word)
+        for layer, g, k in np.ndindex(self._n_layers, self.row_groups, K):
+            block = self._weights[layer, g * P:(g + 1) * P, k * S:(k + 1) * S]
+            word = 0
+            for n, v in enumerate(block.reshape(-1).tolist()):
+                word |= (v & mask) << (n * wb)
+            words.append(word)
         return words
 
     def _delay(self, m, name, values):
@@ -356,6 +465,35 @@ class MatVecUnit(wiring.Component):
                 for p in range(len(values))]
         m.d.sync += [r.eq(v) for r, v in zip(regs, values)]
         return regs
+
+    def _banked_requant(self, m, req, k_acc):
+        """The output chunk of an ``n_layers > 1`` unit: one rounding shift and saturation per
+        distinct shift ``shift[l] + E - k`` over all layers, picked by a register loaded beside
+        the requantizer product (from ``layer`` and, with ``E > 0``, the vector's exponent
+        ``k_acc`` one stage before it), so the choice adds no logic level to the shift."""
+        E, ob = self._exp_max, self._out_bits
+        eff = [[sh + E - kk for kk in range(E + 1)] for sh in self._shifts]
+        shifts = sorted({v for row in eff for v in row})
+        if len(shifts) == 1:
+            return Cat(*(saturate(rshift_round(v, shifts[0]), ob) for v in req))
+        sel = Signal(range(len(shifts)), name="shift_sel")
+        with m.Switch(self.layer):
+            for layer, row in enumerate(eff):
+                with m.Case(layer):
+                    if not E:
+                        m.d.sync += sel.eq(shifts.index(row[0]))
+                        continue
+                    with m.Switch(k_acc):
+                        for kk, v in enumerate(row):
+                            with m.Case(kk):
+                                m.d.sync += sel.eq(shifts.index(v))
+
+        def requant(v):
+            out = saturate(rshift_round(v, shifts[-1]), ob)
+            for n in range(len(shifts) - 2, -1, -1):
+                out = Mux(sel == n, saturate(rshift_round(v, shifts[n]), ob), out)
+            return out
+        return Cat(*(requant(v) for v in req))
 
     def elaborate(self, platform):
         m = Module()
@@ -370,6 +508,7 @@ class MatVecUnit(wiring.Component):
         if cb is not None:
             acc_w = max(acc_w, cb)
         req_w = acc_w + mult_bits
+        L = self._n_layers
 
         # ---- issue: step counters, rotating input register, output credits
         busy = Signal()
@@ -382,6 +521,17 @@ class MatVecUnit(wiring.Component):
         last_k = k == K - 1
         room = count != cap
         issue = Signal()
+        if L > 1:
+            # weight ROM and multiplier ROM addresses, counting alongside step and g from the
+            # layer's base (loaded at the input transfer): no adder in front of the ROMs
+            waddr = Signal(range(L * steps), name="weight_addr")
+            gaddr = Signal(range(L * G), name="group_addr")
+            wbase, gbase = (Signal(range(L * n), name=name) for n, name in
+                            ((steps, "weight_base"), (G, "group_base")))
+            with m.Switch(self.layer):
+                for layer in range(L):
+                    with m.Case(layer):
+                        m.d.comb += [wbase.eq(layer * steps), gbase.eq(layer * G)]
         if cb is None:
             m.d.comb += [
                 issue.eq(busy & (~last_k | room)),
@@ -408,9 +558,15 @@ class MatVecUnit(wiring.Component):
                     m.d.sync += g.eq(0)
             with m.If(step == steps - 1):
                 m.d.sync += [step.eq(0), busy.eq(0)]
+            if L > 1:
+                m.d.sync += waddr.eq(waddr + 1)
+                with m.If(last_k):
+                    m.d.sync += gaddr.eq(gaddr + 1)
         E = self._exp_max
         with m.If(self.i.valid & self.i.ready):
             m.d.sync += busy.eq(1)
+            if L > 1:
+                m.d.sync += [waddr.eq(wbase), gaddr.eq(gbase)]
             if E:
                 m.d.sync += x.eq(self.i.payload.vec.as_value())
             else:
@@ -436,19 +592,22 @@ class MatVecUnit(wiring.Component):
             valid = Signal(name=f"{name}_valid")
             first = Signal(name=f"{name}_first")
             last = Signal(name=f"{name}_last")
-            grp = Signal(range(G), name=f"{name}_group")
+            grp = Signal(range(G if L == 1 else L * G), name=f"{name}_group")
             m.d.sync += [valid.eq(src[0]), first.eq(src[1]), last.eq(src[2]), grp.eq(src[3])]
             return valid, first, last, grp
 
         # ---- fetch (rom) / LUT (const): weights of this step for every lane
-        src = (issue, k == 0, last_k, g)
+        src = (issue, k == 0, last_k, g if L == 1 else gaddr)
         if rom and E:
             k_delay("fetch")
         if rom:
-            m.submodules.weight_rom = weight_rom = Memory(
-                shape=unsigned(P * S * wb), depth=steps, init=self._rom_words())
-            rd = weight_rom.read_port(domain="sync")
-            m.d.comb += rd.addr.eq(step)
+            if self._rom_port:
+                rd = self.rom
+            else:
+                m.submodules.weight_rom = weight_rom = Memory(
+                    shape=unsigned(P * S * wb), depth=L * steps, init=self._rom_words())
+                rd = weight_rom.read_port(domain="sync")
+            m.d.comb += rd.addr.eq(step if L == 1 else waddr)
             src = stage("fetch", src)
             if cb is not None:
                 corr = self._delay(m, "fetch", corr)
@@ -460,7 +619,7 @@ class MatVecUnit(wiring.Component):
                   for p in range(P)]
         elif steps == 1:
             xs = chunk
-            wl = [[int(self._weights[p, s]) for s in range(S)] for p in range(P)]
+            wl = [[int(self._weights[0, p, s]) for s in range(S)] for p in range(P)]
         else:
             # LUT ROM looked up one cycle ahead (by the step counter's next value) into a
             # register, so the multipliers see a register, not a LUT tree, at no extra latency
@@ -469,12 +628,12 @@ class MatVecUnit(wiring.Component):
             m.d.comb += step_next.eq(step)
             with m.If(issue):
                 m.d.comb += step_next.eq(Mux(step == steps - 1, 0, step + 1))
-            wl = [[Signal(signed(wb), name=f"w{p}_{s}", init=int(self._weights[p, s]))
+            wl = [[Signal(signed(wb), name=f"w{p}_{s}", init=int(self._weights[0, p, s]))
                    for s in range(S)] for p in range(P)]
             with m.Switch(step_next):
                 for st in range(steps):
                     gg, kk = divmod(st, K)
-                    block = self._weights[gg * P:(gg + 1) * P, kk * S:(kk + 1) * S]
+                    block = self._weights[0, gg * P:(gg + 1) * P, kk * S:(kk + 1) * S]
                     with m.Case(st):
                         m.d.sync += [wl[p][s].eq(int(block[p, s]))
                                      for p in range(P) for s in range(S)]
@@ -524,13 +683,16 @@ class MatVecUnit(wiring.Component):
         m.d.sync += a_valid.eq(t_valid & t_last)
         if E:
             k_delay("acc")
-        if G == 1:
-            mults = [int(v) for v in self._mult]
+        if G == 1 and L == 1:
+            mults = [int(v) for v in self._mult[0]]
         elif rom:
+            # banked: one word per layer and group, layer l's at l*G ... (a single group's
+            # constants of L > 1 layers too: read at the same stage, so no extra cycle)
             words = [sum(int(v) << (p * mult_bits) for p, v in
-                         enumerate(self._mult[gg * P:(gg + 1) * P])) for gg in range(G)]
+                         enumerate(self._mult[layer, gg * P:(gg + 1) * P]))
+                     for layer in range(L) for gg in range(G)]
             m.submodules.mult_rom = mult_rom = Memory(
-                shape=unsigned(P * mult_bits), depth=G, init=words)
+                shape=unsigned(P * mult_bits), depth=L * G, init=words)
             mrd = mult_rom.read_port(domain="sync")
             m.d.comb += [mrd.addr.eq(t_group), mrd.en.eq(t_valid & t_last)]
             mults = [mrd.data[p * mult_bits:(p + 1) * mult_bits] for p in range(P)]
@@ -539,7 +701,7 @@ class MatVecUnit(wiring.Component):
             with m.Switch(t_group):
                 for gg in range(G):
                     with m.Case(gg):
-                        m.d.sync += [mults[p].eq(int(self._mult[gg * P + p]))
+                        m.d.sync += [mults[p].eq(int(self._mult[0, gg * P + p]))
                                      for p in range(P)]
 
         # ---- requantizer multiply; rounding shift and saturation feed the output
@@ -548,19 +710,21 @@ class MatVecUnit(wiring.Component):
         req = [Signal(signed(req_w + 1), name=f"req{p}", reset_less=True) for p in range(P)]
         with m.If(a_valid):
             m.d.sync += [req[p].eq(acc[p] * mults[p]) for p in range(P)]
-        if E:
+        if L > 1:
+            res = self._banked_requant(m, req, k_pipe[-1] if E else None)
+        elif E:
+            shift = self._shifts[0]
             k_delay("req")
             k_q = k_pipe[-1]
 
             def requant(v):
-                out = saturate(rshift_round(v, self._shift), ob)       # k = E
+                out = saturate(rshift_round(v, shift), ob)       # k = E
                 for kk in range(E - 1, -1, -1):
-                    out = Mux(k_q == kk, saturate(rshift_round(v, self._shift + E - kk), ob),
-                              out)
+                    out = Mux(k_q == kk, saturate(rshift_round(v, shift + E - kk), ob), out)
                 return out
             res = Cat(*(requant(req[p]) for p in range(P)))
         else:
-            res = Cat(*(saturate(rshift_round(req[p], self._shift), ob) for p in range(P)))
+            res = Cat(*(saturate(rshift_round(req[p], self._shifts[0]), ob) for p in range(P)))
 
         # ---- output register with a FIFO behind it; credits guarantee room
         free = ~self.o.valid | self.o.ready

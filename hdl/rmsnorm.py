@@ -27,6 +27,32 @@ def _int_vector(name, value, length=None):
     return arr.astype(np.int64)
 
 
+def _per_layer(name, value, n_layers):
+    """A per-layer scalar constant as a list of ``n_layers`` ints (a plain int when there is
+    one layer, else a sequence of ``n_layers`` ints)."""
+    if n_layers == 1:
+        return [operator.index(value)]
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise ValueError(f"{name} must be a sequence of n_layers = {n_layers} ints, not "
+                         f"{value!r}")
+    if len(value) != n_layers:
+        raise ValueError(f"{name} has {len(value)} entries, expected n_layers = {n_layers}")
+    return [operator.index(v) for v in value]
+
+
+def _layer_select(m, layer, values, name):
+    """``values[layer]``: a plain int when every layer has the same value, else a signal
+    driven by a ``Switch`` on ``layer``."""
+    if len(set(values)) == 1:
+        return values[0]
+    sel = Signal(range(min(values), max(values) + 1), name=name)
+    with m.Switch(layer):
+        for l, v in enumerate(values):
+            with m.Case(l):
+                m.d.comb += sel.eq(v)
+    return sel
+
+
 class RMSNorm(wiring.Component):
     """RMSNorm of one residual vector, quantised to ``out_bits``.
 
@@ -43,26 +69,39 @@ class RMSNorm(wiring.Component):
     is in flight at a time; the next one is accepted in
     the cycle the result is taken.
 
+    With ``n_layers = L > 1`` the block holds the constants of ``L`` layers (a layer-serial
+    decoder passes the residual through it once per layer) and the ``layer`` input selects
+    them: ``gain`` is ``(L, dim)``, ``gain_shift`` and ``eps`` are sequences of ``L`` ints
+    (``rsqrt_table`` and ``rsqrt_frac`` are shared). The gain ``Memory`` is the layers'
+    gains stacked along its depth (``L * dim / lanes`` rows, the layer in the high address
+    bits); ``eps`` and ``gain_shift`` are selected by ``layer`` (plain constants when every
+    layer has the same value). The result for ``layer = l`` is bit for bit that of a
+    one-layer block built with layer ``l``'s constants, in the same cycles.
+
     Parameters
     ----------
     dim : int
         Elements per vector.
     in_bits : int
         Width of the residual input elements.
-    gain : array of int, shape ``(dim,)``
+    gain : array of int, shape ``(dim,)``, or ``(n_layers, dim)`` if ``n_layers > 1``
         Integer gain (folds the float gain, ``sqrt(dim)`` and the output scale).
-    gain_shift : int
+    gain_shift : int, or sequence of ``n_layers`` ints if ``n_layers > 1``
         Extra right shift of the gain; ``rsqrt_frac + gain_shift`` must not be negative.
-    eps : int
+    eps : int, or sequence of ``n_layers`` ints if ``n_layers > 1``
         Added to the sum of squares (at least 1, so the rsqrt argument is positive).
     rsqrt_table : array of int
-        ``2**rsqrt_bits`` non-negative entries ``round(2**rsqrt_frac / sqrt(i))``.
+        ``2**rsqrt_bits`` non-negative entries ``round(2**rsqrt_frac / sqrt(i))`` (shared by
+        all layers).
     rsqrt_frac : int
         Fractional bits of the table entries.
     out_bits : int
         Width of the output elements.
     lanes : int
         Elements processed per cycle; must divide ``dim``.
+    n_layers : int
+        Number of layers whose constants the block holds (``L``); 1 gives the plain block
+        with no ``layer`` port.
 
     Members
     -------
@@ -70,23 +109,44 @@ class RMSNorm(wiring.Component):
         Residual vector.
     o : ``Out(stream.Signature(vector_layout(out_bits, dim)))``
         Normalised vector.
+    layer : ``In(range(n_layers))``, only if ``n_layers > 1``
+        Layer whose constants the vector is normalised with. Set it at (or before) the input
+        transfer and hold it until the result is offered on ``o``: it is read from the input
+        transfer until ``o.valid`` rises, not while the block is idle or ``o.valid`` is high
+        (so it may change in the cycle the result is taken and the next vector is accepted).
     """
 
     def __init__(self, *, dim, in_bits, gain, gain_shift, eps, rsqrt_table, rsqrt_frac,
-                 out_bits=8, lanes=1):
+                 out_bits=8, lanes=1, n_layers=1):
         dim, in_bits, out_bits, lanes = map(operator.index, (dim, in_bits, out_bits, lanes))
-        gain_shift, eps, rsqrt_frac = map(operator.index, (gain_shift, eps, rsqrt_frac))
+        n_layers, rsqrt_frac = operator.index(n_layers), operator.index(rsqrt_frac)
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, not {n_layers}")
+        gain_shifts = _per_layer("gain_shift", gain_shift, n_layers)
+        epss = _per_layer("eps", eps, n_layers)
         if dim < 1:
             raise ValueError(f"dim must be at least 1, not {dim}")
         if lanes < 1 or dim % lanes:
             raise ValueError(f"lanes ({lanes}) must divide dim ({dim})")
         if in_bits < 1 or out_bits < 1:
             raise ValueError(f"in_bits ({in_bits}) and out_bits ({out_bits}) must be positive")
-        gain = _int_vector("gain", gain, dim)
+        if n_layers == 1:
+            gains = _int_vector("gain", gain, dim)[None]
+            where = [""]
+        else:
+            gains = np.asarray(gain)
+            if gains.shape != (n_layers, dim) or not np.issubdtype(gains.dtype, np.integer):
+                raise ValueError(f"gain must be an integer array of shape (n_layers, dim) = "
+                                 f"({n_layers}, {dim}), not {gains.dtype} of shape "
+                                 f"{gains.shape}")
+            gains = gains.astype(np.int64)
+            where = [f"layer {l}: " for l in range(n_layers)]
         g_lo, g_hi = -(1 << (_OPERAND_BITS - 1)), (1 << (_OPERAND_BITS - 1)) - 1
-        if gain.min() < g_lo or gain.max() > g_hi:
-            raise ValueError(f"gain values must fit an {_OPERAND_BITS}-bit signed multiplier "
-                             f"operand [{g_lo}, {g_hi}], not [{gain.min()}, {gain.max()}]")
+        for w, g in zip(where, gains):
+            if g.min() < g_lo or g.max() > g_hi:
+                raise ValueError(f"{w}gain values must fit an {_OPERAND_BITS}-bit signed "
+                                 f"multiplier operand [{g_lo}, {g_hi}], not "
+                                 f"[{g.min()}, {g.max()}]")
         table = _int_vector("rsqrt_table", rsqrt_table)
         rsqrt_bits = table.size.bit_length() - 1
         if table.size != 1 << rsqrt_bits or rsqrt_bits < 2:
@@ -94,40 +154,66 @@ class RMSNorm(wiring.Component):
                              f"so it needs 2**rsqrt_bits entries with rsqrt_bits >= 2")
         if table.min() < 0:
             raise ValueError(f"rsqrt_table entries must be non-negative, not {table.min()}")
-        if eps < 1:
-            raise ValueError(f"eps ({eps}) must be at least 1: the sum of squares of a zero "
-                             "vector must stay positive")
+        for w, e in zip(where, epss):
+            if e < 1:
+                raise ValueError(f"{w}eps ({e}) must be at least 1: the sum of squares of a "
+                                 "zero vector must stay positive")
         if rsqrt_frac < 0:
             raise ValueError(f"rsqrt_frac must be non-negative, not {rsqrt_frac}")
-        if rsqrt_frac + gain_shift < 0:
-            raise ValueError(f"rsqrt_frac + gain_shift ({rsqrt_frac} + {gain_shift}) must be "
-                             "non-negative: the output shift cannot be a left shift")
+        for w, gs in zip(where, gain_shifts):
+            if rsqrt_frac + gs < 0:
+                raise ValueError(f"{w}rsqrt_frac + gain_shift ({rsqrt_frac} + {gs}) must be "
+                                 "non-negative: the output shift cannot be a left shift")
         ss_max = dim << (2 * in_bits - 2)
-        ss_bits = (ss_max + eps).bit_length()
-        if ss_bits > _GOLDEN_BITS:
-            raise ValueError(f"sum of squares of {dim} {in_bits}-bit elements plus eps needs "
-                             f"{ss_bits} bits, more than the golden model's {_GOLDEN_BITS}")
-        prod_max = (1 << (in_bits - 1)) * int(np.abs(gain).max()) * int(table.max())
-        if prod_max.bit_length() > _GOLDEN_BITS:
-            raise ValueError(f"x * gain * rsqrt needs {prod_max.bit_length() + 1} bits, more "
-                             f"than the golden model's {_GOLDEN_BITS + 1}")
+        ss_bits = 0
+        for w, e in zip(where, epss):
+            bits = (ss_max + e).bit_length()
+            if bits > _GOLDEN_BITS:
+                raise ValueError(f"{w}sum of squares of {dim} {in_bits}-bit elements plus eps "
+                                 f"needs {bits} bits, more than the golden model's "
+                                 f"{_GOLDEN_BITS}")
+            ss_bits = max(ss_bits, bits)
+        for w, g in zip(where, gains):
+            prod_max = (1 << (in_bits - 1)) * int(np.abs(g).max()) * int(table.max())
+            if prod_max.bit_length() > _GOLDEN_BITS:
+                raise ValueError(f"{w}x * gain * rsqrt needs {prod_max.bit_length() + 1} "
+                                 f"bits, more than the golden model's {_GOLDEN_BITS + 1}")
 
         self._dim, self._in_bits, self._out_bits, self._lanes = dim, in_bits, out_bits, lanes
-        self._gain, self._gain_shift, self._eps = gain, gain_shift, eps
+        self._n_layers = n_layers
+        self._gains, self._gain_shifts, self._epss = gains, gain_shifts, epss
         self._rsqrt_table, self._rsqrt_frac, self._rsqrt_bits = table, rsqrt_frac, rsqrt_bits
         self._ss_bits = ss_bits
-        super().__init__({
+        members = {
             "i": In(stream.Signature(vector_layout(in_bits, dim))),
             "o": Out(stream.Signature(vector_layout(out_bits, dim))),
-        })
+        }
+        if n_layers > 1:
+            members["layer"] = In(range(n_layers))
+        super().__init__(members)
 
     dim = property(lambda self: self._dim)
     in_bits = property(lambda self: self._in_bits)
     out_bits = property(lambda self: self._out_bits)
     lanes = property(lambda self: self._lanes)
-    gain = property(lambda self: self._gain.copy())
-    gain_shift = property(lambda self: self._gain_shift)
-    eps = property(lambda self: self._eps)
+    n_layers = property(lambda self: self._n_layers)
+
+    @property
+    def gain(self):
+        """Integer gain, ``(dim,)``; ``(n_layers, dim)`` (one row per layer) if
+        ``n_layers > 1``."""
+        return self._gains[0].copy() if self._n_layers == 1 else self._gains.copy()
+
+    @property
+    def gain_shift(self):
+        """Gain shift: an int; a tuple of ``n_layers`` ints if ``n_layers > 1``."""
+        return self._gain_shifts[0] if self._n_layers == 1 else tuple(self._gain_shifts)
+
+    @property
+    def eps(self):
+        """``eps``: an int; a tuple of ``n_layers`` ints if ``n_layers > 1``."""
+        return self._epss[0] if self._n_layers == 1 else tuple(self._epss)
+
     rsqrt_table = property(lambda self: self._rsqrt_table.copy())
     rsqrt_frac = property(lambda self: self._rsqrt_frac)
     rsqrt_bits = property(lambda self: self._rsqrt_bits)
@@ -157,10 +243,12 @@ class RMSNorm(wiring.Component):
         chunks = dim // lanes
         in_chunk = vector_layout(in_bits, lanes)
 
-        g_bits = bits_for(int(self._gain.min()), int(self._gain.max()))
+        n_layers = self._n_layers
+        g_bits = bits_for(int(self._gains.min()), int(self._gains.max()))
+        # the layers' gains stacked along the depth, the layer in the high address bits
         m.submodules.gain_mem = gain_mem = memory.Memory(
-            shape=vector_layout(g_bits, lanes), depth=chunks,
-            init=self._gain.reshape(chunks, lanes).tolist())
+            shape=vector_layout(g_bits, lanes), depth=n_layers * chunks,
+            init=self._gains.reshape(n_layers * chunks, lanes).tolist())
         r_bits = max(1, int(self._rsqrt_table.max()).bit_length())
         m.submodules.rsqrt_mem = rsqrt_mem = memory.Memory(
             shape=unsigned(r_bits), depth=self._rsqrt_table.size,
@@ -188,8 +276,8 @@ class RMSNorm(wiring.Component):
             with m.If(acc[b]):
                 m.d.comb += s_comb.eq(s)
         s_even = Signal.like(s_comb)
-        base = self._rsqrt_frac + self._gain_shift
-        max_shift = base + max(shifts) // 2
+        bases = [self._rsqrt_frac + gs for gs in self._gain_shifts]
+        max_shift = max(bases) + max(shifts) // 2
         out_shift = Signal(range(max_shift + 1))
         # the rounding constant (1 << out_shift) >> 1, registered with out_shift at its own
         # width: rshift_round_var would add a 64-bit constant to the products, which a
@@ -209,7 +297,17 @@ class RMSNorm(wiring.Component):
         p2 = [Signal(signed(in_bits + g_bits + r_bits + 1)) for _ in range(lanes)]
         p3_bits = max(in_bits + g_bits + r_bits + 1, len(out_half) + 1) + 1    # no overflow
         p3 = [Signal(signed(p3_bits)) for _ in range(lanes)]
-        m.d.comb += [gain_rd.addr.eq(cnt), gain_rd.en.eq(issue)]
+        if n_layers == 1:
+            m.d.comb += gain_rd.addr.eq(cnt)
+            base, eps = bases[0], self._epss[0]
+        else:
+            if chunks & (chunks - 1) == 0:
+                m.d.comb += gain_rd.addr.eq(Cat(cnt, self.layer))
+            else:
+                m.d.comb += gain_rd.addr.eq(self.layer * chunks + cnt)
+            base = _layer_select(m, self.layer, bases, "base")
+            eps = _layer_select(m, self.layer, self._epss, "eps")
+        m.d.comb += gain_rd.en.eq(issue)
         m.d.sync += [v1.eq(issue), v2.eq(v1), v3.eq(v2), v4.eq(v3), v5.eq(v4)]
         with m.If(issue):
             m.d.sync += [xk.eq(x_low), x.eq(rotate)]
@@ -220,7 +318,7 @@ class RMSNorm(wiring.Component):
         with m.If(v3):
             m.d.sync += [p3[k].eq(p2[k] + out_half) for k in range(lanes)]
         # out_shift >= base, so the shifted value fits p3_bits - base bits
-        p4 = [Signal(signed(max(2, p3_bits - base))) for _ in range(lanes)]
+        p4 = [Signal(signed(max(2, p3_bits - min(bases)))) for _ in range(lanes)]
         with m.If(v4):
             m.d.sync += [p4[k].eq(p3[k] >> out_shift) for k in range(lanes)]
         with m.If(v5):
@@ -230,7 +328,7 @@ class RMSNorm(wiring.Component):
 
         accept = self.i.valid & self.i.ready
         with m.If(accept):
-            m.d.sync += [x.eq(self.i.payload), acc.eq(self._eps), cnt.eq(0)]
+            m.d.sync += [x.eq(self.i.payload), acc.eq(eps), cnt.eq(0)]
 
         with m.FSM():
             with m.State("IDLE"):

@@ -17,6 +17,32 @@ _OPERAND_BITS = 18
 _GOLDEN_BITS = 63
 
 
+def _per_layer(name, value, n_layers):
+    """A per-layer scalar constant as a list of ``n_layers`` ints (a plain int when there is
+    one layer, else a sequence of ``n_layers`` ints)."""
+    if n_layers == 1:
+        return [operator.index(value)]
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise ValueError(f"{name} must be a sequence of n_layers = {n_layers} ints, not "
+                         f"{value!r}")
+    if len(value) != n_layers:
+        raise ValueError(f"{name} has {len(value)} entries, expected n_layers = {n_layers}")
+    return [operator.index(v) for v in value]
+
+
+def _layer_select(m, layer, values, name):
+    """``values[layer]``: a plain int when every layer has the same value, else a signal
+    driven by a ``Switch`` on ``layer``."""
+    if len(set(values)) == 1:
+        return values[0]
+    sel = Signal(range(min(values), max(values) + 1), name=name)
+    with m.Switch(layer):
+        for l, v in enumerate(values):
+            with m.Case(l):
+                m.d.comb += sel.eq(v)
+    return sel
+
+
 class SwiGLU(wiring.Component):
     """``o = sat(rshift_round(silu_table[gate + silu_offset] * up * mult, shift), out_bits)``.
 
@@ -36,6 +62,17 @@ class SwiGLU(wiring.Component):
     ``sat(rshift_round(wide, k), out_bits)`` per element (an ``E+1``-way choice) with ``k``
     beside it in the payload (:func:`~.arith.exp_vector_layout`): two cycles more.
 
+    With ``n_layers = L > 1`` the block holds the constants of ``L`` layers (a layer-serial
+    decoder passes every layer's vectors through it) and the ``layer`` input selects them:
+    ``silu_table`` is ``(L, size)``, ``silu_offset``, ``mult`` and ``shift`` are sequences of
+    ``L`` ints (``exp_max`` is shared). The SiLU ``Memory`` is the layers' reachable windows
+    stacked along its depth (``L << in_bits`` entries, the layer in the high address bits);
+    ``mult`` is selected by ``layer`` into a register at the input transfer, and with
+    different shifts the rounding stage rounds by each distinct shift and picks the layer's
+    (per-layer values that are all equal stay plain constants). The result (and ``k``) for
+    ``layer = l`` is bit for bit that of a one-layer block built with layer ``l``'s constants,
+    in the same cycles.
+
     Parameters
     ----------
     n : int
@@ -44,13 +81,13 @@ class SwiGLU(wiring.Component):
         Width of the gate elements (the SiLU table index).
     up_bits : int
         Width of the up-projection elements.
-    silu_table : array of int
+    silu_table : array of int, shape ``(size,)``, or ``(n_layers, size)`` if ``n_layers > 1``
         SiLU values; entry ``gate + silu_offset`` is used for each gate value.
-    silu_offset : int
+    silu_offset : int, or sequence of ``n_layers`` ints if ``n_layers > 1``
         Table index of gate value 0.
-    mult : int
+    mult : int, or sequence of ``n_layers`` ints if ``n_layers > 1``
         Requantisation multiplier (an 18-bit signed operand).
-    shift : int
+    shift : int, or sequence of ``n_layers`` ints if ``n_layers > 1``
         Rounding right shift of the requantisation.
     out_bits : int
         Width of the output elements.
@@ -58,7 +95,10 @@ class SwiGLU(wiring.Component):
         Elements processed per cycle; must divide ``n``.
     exp_max : int
         ``E``, the largest per-vector exponent (0: no exponent, a plain vector out);
-        ``0 <= E <= shift``.
+        ``0 <= E <= shift`` (every layer's ``shift``).
+    n_layers : int
+        Number of layers whose constants the block holds (``L``); 1 gives the plain block
+        with no ``layer`` port.
 
     Members
     -------
@@ -68,13 +108,22 @@ class SwiGLU(wiring.Component):
         Up projection (``w3 x``); transfers together with ``gate``.
     o : ``Out(stream.Signature(exp_vector_layout(out_bits, n, exp_max)))``
         Hidden activation (with ``exp_max > 0``: fields ``vec`` and its exponent ``k``).
+    layer : ``In(range(n_layers))``, only if ``n_layers > 1``
+        Layer whose constants the pair is computed with. Set it at (or before) the input
+        transfer and hold it until the result is offered on ``o``: it is read from the input
+        transfer until ``o.valid`` rises, not while the block is idle or ``o.valid`` is high
+        (so it may change in the cycle the result is taken and the next pair is accepted).
     """
 
     def __init__(self, *, n, in_bits, up_bits, silu_table, silu_offset, mult, shift,
-                 out_bits=8, lanes=1, exp_max=0):
+                 out_bits=8, lanes=1, exp_max=0, n_layers=1):
         n, in_bits, up_bits = map(operator.index, (n, in_bits, up_bits))
-        exp_max = operator.index(exp_max)
-        silu_offset, mult, shift = map(operator.index, (silu_offset, mult, shift))
+        exp_max, n_layers = operator.index(exp_max), operator.index(n_layers)
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be at least 1, not {n_layers}")
+        offsets = _per_layer("silu_offset", silu_offset, n_layers)
+        mults = _per_layer("mult", mult, n_layers)
+        shifts = _per_layer("shift", shift, n_layers)
         out_bits, lanes = operator.index(out_bits), operator.index(lanes)
         if n < 1:
             raise ValueError(f"n must be at least 1, not {n}")
@@ -84,55 +133,87 @@ class SwiGLU(wiring.Component):
             if bits < 1:
                 raise ValueError(f"{name} must be at least 1, not {bits}")
         table = np.asarray(silu_table)
-        if table.ndim != 1 or table.size == 0 or not np.issubdtype(table.dtype, np.integer):
-            raise ValueError(f"silu_table must be a non-empty 1-D integer array, not "
-                             f"{table.dtype} of shape {table.shape}")
+        if n_layers == 1:
+            if table.ndim != 1 or table.size == 0 or not np.issubdtype(table.dtype, np.integer):
+                raise ValueError(f"silu_table must be a non-empty 1-D integer array, not "
+                                 f"{table.dtype} of shape {table.shape}")
+            tables, where = table[None], [""]
+        else:
+            if (table.ndim != 2 or table.shape[0] != n_layers or table.size == 0
+                    or not np.issubdtype(table.dtype, np.integer)):
+                raise ValueError(f"silu_table must be a non-empty integer array of shape "
+                                 f"(n_layers, size) with n_layers = {n_layers}, not "
+                                 f"{table.dtype} of shape {table.shape}")
+            tables, where = table, [f"layer {l}: " for l in range(n_layers)]
         g_lo, g_hi = signed_range(in_bits)
-        if silu_offset + g_lo < 0:
-            raise ValueError(f"silu_offset ({silu_offset}) is too small for {in_bits}-bit "
-                             f"gates: the table index reaches {silu_offset + g_lo}")
-        if silu_offset + g_hi >= table.size:
-            raise ValueError(f"silu_table of {table.size} entries is too small for {in_bits}-bit "
-                             f"gates with offset {silu_offset}: the index reaches "
-                             f"{silu_offset + g_hi}")
-        window = table[silu_offset + g_lo:silu_offset + g_hi + 1].astype(np.int64)
         o_lo, o_hi = signed_range(_OPERAND_BITS)
-        if window.min() < o_lo or window.max() > o_hi:
-            raise ValueError(f"silu_table values must fit an {_OPERAND_BITS}-bit signed "
-                             f"multiplier operand [{o_lo}, {o_hi}], not "
-                             f"[{window.min()}, {window.max()}]")
-        if not o_lo <= mult <= o_hi:
-            raise ValueError(f"mult ({mult}) must fit an {_OPERAND_BITS}-bit signed multiplier "
-                             f"operand [{o_lo}, {o_hi}]")
-        if shift < 0:
-            raise ValueError(f"shift must be non-negative, not {shift}")
-        if not 0 <= exp_max <= min(shift, 7):
-            raise ValueError(f"exp_max must lie in 0..min(shift, 7) = 0..{min(shift, 7)}, "
-                             f"not {exp_max}")
-        prod_max = int(np.abs(window).max()) * (1 << (up_bits - 1)) * abs(mult) + (1 << shift >> 1)
-        if prod_max.bit_length() > _GOLDEN_BITS:
-            raise ValueError(f"silu * up * mult needs {prod_max.bit_length() + 1} bits, more "
-                             f"than the golden model's {_GOLDEN_BITS + 1}")
+        windows = []
+        for w, tab, off, mul, sh in zip(where, tables, offsets, mults, shifts):
+            if off + g_lo < 0:
+                raise ValueError(f"{w}silu_offset ({off}) is too small for {in_bits}-bit "
+                                 f"gates: the table index reaches {off + g_lo}")
+            if off + g_hi >= tab.size:
+                raise ValueError(f"{w}silu_table of {tab.size} entries is too small for "
+                                 f"{in_bits}-bit gates with offset {off}: the index reaches "
+                                 f"{off + g_hi}")
+            window = tab[off + g_lo:off + g_hi + 1].astype(np.int64)
+            if window.min() < o_lo or window.max() > o_hi:
+                raise ValueError(f"{w}silu_table values must fit an {_OPERAND_BITS}-bit signed "
+                                 f"multiplier operand [{o_lo}, {o_hi}], not "
+                                 f"[{window.min()}, {window.max()}]")
+            if not o_lo <= mul <= o_hi:
+                raise ValueError(f"{w}mult ({mul}) must fit an {_OPERAND_BITS}-bit signed "
+                                 f"multiplier operand [{o_lo}, {o_hi}]")
+            if sh < 0:
+                raise ValueError(f"{w}shift must be non-negative, not {sh}")
+            if not 0 <= exp_max <= min(sh, 7):
+                raise ValueError(f"{w}exp_max must lie in 0..min(shift, 7) = "
+                                 f"0..{min(sh, 7)}, not {exp_max}")
+            prod_max = (int(np.abs(window).max()) * (1 << (up_bits - 1)) * abs(mul)
+                        + (1 << sh >> 1))
+            if prod_max.bit_length() > _GOLDEN_BITS:
+                raise ValueError(f"{w}silu * up * mult needs {prod_max.bit_length() + 1} bits, "
+                                 f"more than the golden model's {_GOLDEN_BITS + 1}")
+            windows.append(window)
 
         self._n, self._in_bits, self._up_bits, self._out_bits = n, in_bits, up_bits, out_bits
-        self._silu_table, self._silu_offset = table.astype(np.int64), silu_offset
-        self._window = window
-        self._mult, self._shift, self._lanes = mult, shift, lanes
+        self._n_layers = n_layers
+        self._silu_tables, self._silu_offsets = tables.astype(np.int64), offsets
+        self._windows = np.array(windows)
+        self._mults, self._shifts, self._lanes = mults, shifts, lanes
         self._exp_max = exp_max
-        super().__init__({
+        members = {
             "gate": In(stream.Signature(vector_layout(in_bits, n))),
             "up": In(stream.Signature(vector_layout(up_bits, n))),
             "o": Out(stream.Signature(exp_vector_layout(out_bits, n, exp_max))),
-        })
+        }
+        if n_layers > 1:
+            members["layer"] = In(range(n_layers))
+        super().__init__(members)
 
     n = property(lambda self: self._n)
     in_bits = property(lambda self: self._in_bits)
     up_bits = property(lambda self: self._up_bits)
     out_bits = property(lambda self: self._out_bits)
-    silu_table = property(lambda self: self._silu_table.copy())
-    silu_offset = property(lambda self: self._silu_offset)
-    mult = property(lambda self: self._mult)
-    shift = property(lambda self: self._shift)
+    n_layers = property(lambda self: self._n_layers)
+
+    @property
+    def silu_table(self):
+        """SiLU table, ``(size,)``; ``(n_layers, size)`` if ``n_layers > 1``."""
+        t = self._silu_tables
+        return t[0].copy() if self._n_layers == 1 else t.copy()
+
+    def _per_layer_value(self, values):
+        return values[0] if self._n_layers == 1 else tuple(values)
+
+    silu_offset = property(lambda self: self._per_layer_value(self._silu_offsets),
+                           doc="Table index of gate 0: an int; a tuple per layer if "
+                               "``n_layers > 1``.")
+    mult = property(lambda self: self._per_layer_value(self._mults),
+                    doc="Requantisation multiplier: an int; a tuple per layer if "
+                        "``n_layers > 1``.")
+    shift = property(lambda self: self._per_layer_value(self._shifts),
+                     doc="Requantisation shift: an int; a tuple per layer if ``n_layers > 1``.")
     lanes = property(lambda self: self._lanes)
     exp_max = property(lambda self: self._exp_max)
 
@@ -153,11 +234,13 @@ class SwiGLU(wiring.Component):
         n, lanes, in_bits, up_bits = self._n, self._lanes, self._in_bits, self._up_bits
         chunks = n // lanes
 
-        s_bits = bits_for(int(self._window.min()), int(self._window.max()))
+        n_layers = self._n_layers
+        s_bits = bits_for(int(self._windows.min()), int(self._windows.max()))
         # entry j is the value for gate j - 2**(in_bits-1): the address is the gate with its
-        # sign bit flipped
+        # sign bit flipped (and the layer above it: the layers' windows are stacked)
         m.submodules.silu_mem = silu_mem = memory.Memory(
-            shape=signed(s_bits), depth=1 << in_bits, init=self._window.tolist())
+            shape=signed(s_bits), depth=n_layers << in_bits,
+            init=self._windows.reshape(-1).tolist())
         ports = [silu_mem.read_port() for _ in range(lanes)]
 
         g = Signal(vector_layout(in_bits, n))
@@ -170,9 +253,15 @@ class SwiGLU(wiring.Component):
         p1 = [Signal(signed(s_bits + up_bits)) for _ in range(lanes)]
         p2 = [Signal(signed(s_bits + up_bits + _OPERAND_BITS)) for _ in range(lanes)]
 
+        layer = () if n_layers == 1 else (self.layer,)
         for k, port in enumerate(ports):
             gk = g_low[k]
-            m.d.comb += [port.addr.eq(Cat(gk[:-1], ~gk[-1])), port.en.eq(issue)]
+            m.d.comb += [port.addr.eq(Cat(gk[:-1], ~gk[-1], *layer)), port.en.eq(issue)]
+        # the layer's multiplier, registered at the input transfer (off the multiplier's path)
+        mult = self._mults[0]
+        if len(set(self._mults)) > 1:
+            mult = Signal(signed(_OPERAND_BITS), name="mult")
+            mult_sel = _layer_select(m, self.layer, self._mults, "mult_sel")
         m.d.sync += [v1.eq(issue), v2.eq(v1), v3.eq(v2)]
         with m.If(issue):
             m.d.sync += [uk.eq(u_low),
@@ -181,11 +270,22 @@ class SwiGLU(wiring.Component):
         with m.If(v1):
             m.d.sync += [p1[k].eq(ports[k].data * uk[k]) for k in range(lanes)]
         with m.If(v2):
-            m.d.sync += [p2[k].eq(p1[k] * self._mult) for k in range(lanes)]
+            m.d.sync += [p2[k].eq(p1[k] * mult) for k in range(lanes)]
         E, ob = self._exp_max, self._out_bits
+
+        def requant(v, e, bits):
+            """``sat(rshift_round(v, shift - e), bits)`` with the layer's shift: one rounding
+            per distinct shift, the layer picking among them."""
+            distinct = sorted(set(self._shifts))
+            out = saturate(rshift_round(v, distinct[0] - e), bits)
+            for sh in distinct[1:]:
+                hit = Cat(self.layer == l for l, s in enumerate(self._shifts) if s == sh).any()
+                out = Mux(hit, saturate(rshift_round(v, sh - e), bits), out)
+            return out
+
         if E == 0:
             with m.If(v3):
-                y = Cat(saturate(rshift_round(p2[k], self._shift), ob) for k in range(lanes))
+                y = Cat(requant(p2[k], 0, ob) for k in range(lanes))
                 o_bits = self.o.payload.as_value()
                 m.d.sync += o_bits.eq(Cat(o_bits[lanes * ob:], y))
         else:
@@ -193,8 +293,7 @@ class SwiGLU(wiring.Component):
             wb = ob + E
             wide = Signal(n * wb)
             with m.If(v3):
-                y = Cat(saturate(rshift_round(p2[k], self._shift - E), wb)
-                        for k in range(lanes))
+                y = Cat(requant(p2[k], E, wb) for k in range(lanes))
                 m.d.sync += wide.eq(Cat(wide[lanes * wb:], y))
             # running max and min over the vector, one stage behind (the chunk just written
             # is the top of the register)
@@ -237,6 +336,8 @@ class SwiGLU(wiring.Component):
         m.d.comb += [self.gate.ready.eq(take), self.up.ready.eq(take)]
         with m.If(take):
             m.d.sync += [g.eq(self.gate.payload), u.eq(self.up.payload), cnt.eq(0)]
+            if not isinstance(mult, int):
+                m.d.sync += mult.eq(mult_sel)
             if E:
                 m.d.sync += [hi.eq(w_lo), lo.eq(w_hi)]
 

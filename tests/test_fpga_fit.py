@@ -233,3 +233,30 @@ def test_synth_cli_refuses_stories260k(tmp_path, models_dir):
     assert len(kv) == 10 and all((m["width"], m["size"], m["DP16KD"]) == (320, 512, 9)
                                  for m in kv)
     assert not (out / "yosys.log").exists()
+
+
+def test_fit_search_falls_back_to_shared_layers(tmp_path):
+    """When even the most folded plan with a unit per layer exceeds the flip-flops, the
+    search continues with one shared decoder unit (``layers=shared``) and picks a plan that
+    fits; the report names the choice and lists both tries."""
+    qm = _quantized(**{**MINI, "n_layers": 3})
+    ded, _ = fit_board(qm, "target=1000000000", build_dir=tmp_path / "d")
+    sh, _ = fit_board(qm, "target=1000000000,layers=shared", build_dir=tmp_path / "s")
+    ff_ded, ff_sh = ded.estimate["FF"], sh.estimate["FF"]
+    assert ff_sh < ff_ded - 1000      # two decoder units' registers fewer
+    limit = (ff_ded + ff_sh) // 2
+    b, fit = fit_board(qm, None, build_dir=tmp_path / "auto", limits={"FF": limit})
+    assert b.fits and b.design.plan.shared_layers and "layers shared" in fit["chosen"]
+    tried = [t["fold"] for t in fit["tried"]]
+    assert tried[:2] == ["target=1000000000", "target=1000000000,layers=shared"]
+    assert not fit["tried"][0]["fits"] and fit["estimate"]["FF"] <= limit
+    # the ROM check after Yosys expects the shared unit's weight ROMs, not one per layer
+    from hardwire.compiler.plan import rom_bits
+    from hardwire.fpga.synth import _EMBED_ROM, _WEIGHT_ROM, expected_weight_roms
+    plan = b.design.plan
+    roms = [p for p in b.estimate["memories"] if _WEIGHT_ROM.search(p) or _EMBED_ROM.search(p)]
+    assert expected_weight_roms(rom_bits(qm, plan), plan) == len(roms) == 9
+    assert expected_weight_roms(rom_bits(qm, ded.design.plan), ded.design.plan) == 3 * 7 + 2
+    # negative control: with the real device the per-layer plans are kept
+    b, fit = fit_board(qm, None, build_dir=tmp_path / "auto2")
+    assert not b.design.plan.shared_layers and "layers shared" not in fit["chosen"]

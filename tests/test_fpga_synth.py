@@ -200,14 +200,19 @@ def test_booth_mapping_is_equivalent(tmp_path):
 def test_synth_refuses_a_chip_that_cannot_fit(tmp_path):
     cfg = dict(MINI, n_layers=6)
     qm = quantize_model(random_model(seed=1, **cfg), wbits=8, calib_tokens=[1, 2, 3])
+    # six layers, each its own unit, need 409 multipliers; one shared unit needs 74: with 40
+    # DSPs and no LUT budget neither fits, and the refusal names the layer-serial plan
     with pytest.raises(HardwireError, match=r"does not fit the LFE5U-85F: even the most folded "
-                                            r"plan \(\d+ projection .* needs \d+ MULT18X18D "
-                                            r"> 156: moving \d+ multipliers to LUT logic "
-                                            r"\(~[\d,]+ LUT4, budget 0\) leaves \d+; "
+                                            r"plan \(\d+ projection .*, layers shared\) needs "
+                                            r"\d+ MULT18X18D > 40: moving \d+ multipliers to "
+                                            r"LUT logic \(~[\d,]+ LUT4, budget 0\) leaves \d+; "
                                             r"estimate in .*fit\.json$"):
-        synth_qmodel(qm, tmp_path / "out", progress=False, soft_lut_budget=0)
+        synth_qmodel(qm, tmp_path / "out", progress=False, soft_lut_budget=0, dsp_budget=40)
     fit = json.loads((tmp_path / "out" / "fit.json").read_text())
     assert not fit["fits"] and len(fit["estimate"]["over"]) == 1
+    assert [t["fold"] for t in fit["tried"]] == ["target=1000000000",
+                                                 "target=1000000000,layers=shared"]
+    assert fit["tried"][0]["dsp_estimate"] > fit["tried"][1]["dsp_estimate"] > 40
     assert not (tmp_path / "out" / "yosys.log").exists()
     # the same chip, most folded, fits once the narrow multipliers are LUT logic
     b, fit = fit_board(qm, "target=1000000000", build_dir=tmp_path / "fit",

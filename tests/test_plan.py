@@ -10,6 +10,7 @@ from hardwire.compiler.loaders.random import random_model
 from hardwire.compiler.plan import (
     MATRIX_NAMES,
     MatrixFold,
+    attention_mac_units,
     default_target,
     mac_units,
     parse_fold,
@@ -58,8 +59,8 @@ def test_parse_fold():
     ("wq=8x4:fast", r"^fold: wq='8x4:fast': expected PExSIMD"),
     ("wq=0x4", r"^fold: wq='0x4': pe and simd must be positive$"),
     ("pe=2,pe=4", r"^fold: pe is given twice$"),
-    ("wx=2x2", r"^fold: unknown key 'wx' \(target, macs, pe, simd, form, attn, norm, rope, "
-               r"swiglu, embed, a matrix wq/wk/wv/wo/w1/w3/w2/cls or L<i>\.<matrix>\)$"),
+    ("wx=2x2", r"^fold: unknown key 'wx' \(target, macs, pe, simd, form, layers, attn, norm, "
+               r"rope, swiglu, embed, a matrix wq/wk/wv/wo/w1/w3/w2/cls or L<i>\.<matrix>\)$"),
 ])
 def test_parse_fold_errors(text, message):
     with pytest.raises(ValueError, match=message):
@@ -195,3 +196,37 @@ def test_rom_bits(stories):
     assert bits["total"] == sum(want.values()) + want["embed"]
     const = rom_bits(stories, plan_chip(stories, fold="form=const"))
     assert const["total"] == want["embed"]
+
+
+# ---------------------------------------------------------------------------- shared layers
+
+def test_shared_layers_plan():
+    """``layers=shared``: every layer gets the same folds, one unit's multipliers count, and
+    the cycles are the dedicated plan's plus one handoff cycle per loop."""
+    qm = tiny(n_layers=3)
+    ded = plan_chip(qm, fold="target=64")
+    sh = plan_chip(qm, fold="target=64,layers=shared")
+    assert sh.shared_layers and not ded.shared_layers
+    assert sh.matrices == ded.matrices
+    layer = sum(f.mac_units for k, f in ded.matrices.items() if k.startswith("L0."))
+    assert mac_units(ded) - mac_units(sh) == 2 * layer
+    assert attention_mac_units(sh) * 3 == attention_mac_units(ded)
+    assert "one shared unit" in sh.summary()
+    for pos in (0, 5):
+        d, s = predict_cycles(qm, ded, pos), predict_cycles(qm, sh, pos)
+        assert {k: v for k, v in s.items() if not k.endswith("handoff")} == \
+            {**d, "total": s["total"]}
+        assert [k for k in s if k.endswith("handoff")] == ["L0.handoff", "L1.handoff"]
+        assert s["total"] == d["total"] + 2
+
+
+@pytest.mark.parametrize("fold, message", [
+    ("layers=serial", r"^fold: layers must be dedicated or shared, not 'serial'$"),
+    ("layers=shared,L1.wq=1x1", r"^fold: L1\.wq: with layers=shared every layer has the same "
+                                r"folds \(give wq=PxS\)$"),
+    ("layers=shared,w1=1x1:const", r"^fold: w1: with layers=shared the layer matrices must "
+                                   r"be rom"),
+])
+def test_shared_layers_plan_errors(fold, message):
+    with pytest.raises(ValueError, match=message):
+        plan_chip(tiny(), fold=fold)
