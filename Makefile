@@ -60,8 +60,11 @@ demo: $(STAMP)
 bench: $(STAMP) models
 	$(BIN)/python -m hardwire.bench --models $(HARDWIRE_MODELS)
 
+# extra hardwire synth options, e.g. SYNTH_ARGS="--nextpnr-args='--router router2'"
+SYNTH_ARGS ?=
+
 synth: $(STAMP) models
-	$(BIN)/hardwire synth $(HARDWIRE_MODELS)/stories260K.bin --board ulx3s-85f --seq-len 256 -o build/synth
+	$(BIN)/hardwire synth $(HARDWIRE_MODELS)/stories260K.bin --board ulx3s-85f --seq-len 256 -o build/synth $(SYNTH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

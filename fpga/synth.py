@@ -537,6 +537,7 @@ def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, b
         "available": {"LUT4": avail.get("TRELLIS_COMB", 0), "FF": avail.get("TRELLIS_FF", 0),
                       "DP16KD": avail.get("DP16KD", 0),
                       "MULT18X18D": avail.get("MULT18X18D", 0)},
+        "nextpnr_options": list(nextpnr_opts),
         "fmax_mhz": flow["fmax_mhz"], "design_clock_net": clk_name, "fmax_design_mhz": fmax,
         "timing_met": fmax >= clock,
         "cycles_per_token": cyc,
@@ -586,7 +587,7 @@ def format_summary(s):
 
 def synth_board(path, out_dir, *, board="ulx3s-85f", wbits="8", seq_len=None, fold=None,
                 clock_mhz=50.0, baud=115200, seed=1, lut_mapper="auto", progress=True,
-                timeout_s=None, lora=None, qat=False):
+                timeout_s=None, lora=None, qat=False, nextpnr_opts=()):
     """``hardwire synth MODEL --board ulx3s-85f -o OUT``: returns the synth.json summary.
 
     ``lora`` (a :class:`~hardwire.compiler.chip_builder.LoraSpec`, ``--lora-targets`` and
@@ -601,6 +602,6 @@ def synth_board(path, out_dir, *, board="ulx3s-85f", wbits="8", seq_len=None, fo
     _say(progress, f"quantized {model.name} in {time.monotonic() - t0:.1f} s")
     return synth_qmodel(qm, out_dir, board=board, fold=fold, clock_mhz=clock_mhz, baud=baud,
                         seed=seed, lut_mapper=lut_mapper, progress=progress,
-                        timeout_s=timeout_s, lora=lora,
+                        timeout_s=timeout_s, lora=lora, nextpnr_opts=tuple(nextpnr_opts),
                         extra={"model_file": str(path)} | ({} if lora is None else {
                             "lora": {"targets": list(lora.targets), "r_max": lora.r_max}}))

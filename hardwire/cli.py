@@ -6,6 +6,7 @@ Every user error is a :class:`~hardwire.compiler.errors.HardwireError`, printed 
 
 import argparse
 import json
+import shlex
 import sys
 
 from hardwire.compiler.errors import HardwireError
@@ -195,6 +196,9 @@ def _build_parser():
     p.add_argument("--lut-mapper", choices=("auto", "abc9", "abc"), default="auto",
                    help="Yosys LUT mapping (auto: abc9, falling back to abc)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (1)")
+    p.add_argument("--nextpnr-args", default="", metavar="ARGS",
+                   help="extra nextpnr-ecp5 options, one shell-quoted string (e.g. "
+                   "--nextpnr-args='--router router2' for large designs)")
     p.add_argument("--json", action="store_true", help="print synth.json to stdout")
     _add_lora_build_args(p)
 
@@ -225,9 +229,18 @@ def _build_parser():
 
 def _cmd_synth(args):
     from hardwire.fpga.synth import format_summary, synth_board
+    try:
+        nextpnr_opts = tuple(shlex.split(args.nextpnr_args))
+    except ValueError as e:
+        raise HardwireError(f"--nextpnr-args: {e}") from None
+    reserved = {"--json", "--textcfg", "--lpf", "--log", "--report", "--seed", "--freq",
+                "--package", "--speed", "--write", "--out-of-context"}
+    if bad := sorted(set(o.split("=")[0] for o in nextpnr_opts) & reserved):
+        raise HardwireError(f"--nextpnr-args: {', '.join(bad)} is set by hardwire synth")
     rep = synth_board(args.model, args.out, board=args.board, wbits=args.wbits, qat=args.qat,
                       seq_len=args.seq_len, fold=args.fold, clock_mhz=args.clock_mhz,
                       baud=args.baud, seed=args.seed, lut_mapper=args.lut_mapper,
+                      nextpnr_opts=nextpnr_opts,
                       progress=not args.json, **_lora_kw(synth_board, args, "synth"))
     if args.json:
         print(json.dumps(rep, indent=2))

@@ -230,6 +230,12 @@ def test_synth_cli_errors():
                         "--clock-mhz", "0"], capture_output=True, text=True, timeout=120,
                        check=False)
     assert p.returncode == 2 and "must be positive" in p.stderr
+    for args, message in (("--json x.json", "--nextpnr-args: --json is set by hardwire synth"),
+                          ("'--router", "--nextpnr-args: No closing quotation")):
+        p = subprocess.run([sys.executable, "-m", "hardwire", "synth", "x.bin", "-o", "out",
+                            f"--nextpnr-args={args}"], capture_output=True, text=True,
+                           timeout=120, check=False)
+        assert p.returncode == 2 and p.stderr == f"hardwire: error: {message}\n", p.stderr
 
 
 def test_full_flow_tiny_chip(tmp_path):

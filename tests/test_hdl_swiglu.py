@@ -128,18 +128,6 @@ def test_stories260k():
     run(dut, h1, h3, hidden, valid_prob=0.7, ready_prob=0.6, expect_k=k)
 
 
-def test_stories260k_layer2():
-    """A second layer's real vectors, with its own SiLU table and multiplier (layer 2 has the
-    smallest ``hid_mult``); every layer's SwiGLU is also checked in place, bit for bit, by the
-    whole-chip tests' per-layer taps, so one Verilator build per layer here would only repeat
-    them (it cost 7 minutes of the suite)."""
-    dut, h1, h3, hidden, k = stories_swiglu(2, 4)
-    L0 = stories_qmodel().layers[0]
-    assert dut.mult != L0.hid_mult and not np.array_equal(dut.silu_table, L0.silu_table)
-    assert set(k.tolist()) == {0, 1, 2}
-    run(dut, h1, h3, hidden, expect_k=k)
-
-
 def test_negative_control():
     dut, h1, h3, hidden, k = stories_swiglu(0, 4)
     hidden[7, 100] += 1

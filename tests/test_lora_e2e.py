@@ -158,10 +158,12 @@ def test_synth_passes_lora_to_the_board_design(tiny, tmp_path):
     from hardwire.fpga.synth import fit_board
     path, _, _ = tiny
     qm = quantize_model(load_model(path), wbits="8")
-    b, _ = fit_board(qm, build_dir=tmp_path, lora=LoraSpec(targets=("wq", "wv"), r_max=4))
+    # one plan (the planner's): the fit search itself is tested in test_fpga_fit.py
+    b, _ = fit_board(qm, "target=256", build_dir=tmp_path,
+                     lora=LoraSpec(targets=("wq", "wv"), r_max=4))
     assert b.design.chip.lora_loader is not None
     assert "lora" in b.il
-    plain, _ = fit_board(qm, build_dir=tmp_path / "plain")
+    plain, _ = fit_board(qm, "target=256", build_dir=tmp_path / "plain")
     assert plain.design.chip.lora_loader is None
 
 
