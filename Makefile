@@ -59,6 +59,7 @@ demo: $(STAMP)
 
 bench: $(STAMP) models
 	$(BIN)/python -m hardwire.bench --models $(HARDWIRE_MODELS)
+	$(BIN)/python -m hardwire.bench --models $(HARDWIRE_MODELS) --fold layers=shared --out build/bench-shared
 
 # extra hardwire synth options, e.g. SYNTH_ARGS="--nextpnr-args='--router router2'"
 SYNTH_ARGS ?=

@@ -38,9 +38,10 @@ def _macs_per_token(qm, pos):
     return macs + 2 * c.n_layers * c.n_heads * c.head_size * (pos + 1)
 
 
-def run_bench(model_path, *, n=256, wbits="8", out="build/bench", build_dir="build",
+def run_bench(model_path, *, n=256, wbits="8", fold=None, out="build/bench", build_dir="build",
               progress=sys.stderr):
-    """Run every measurement; return the result dict (see the module docstring)."""
+    """Run every measurement on the chip of ``fold`` (default: the planner's); return the
+    result dict (see the module docstring)."""
     from hardwire.compiler.emit import compile_model
     from hardwire.compiler.golden import generate_golden
     from hardwire.compiler.loaders import load_model
@@ -54,19 +55,19 @@ def run_bench(model_path, *, n=256, wbits="8", out="build/bench", build_dir="bui
     model_path, out = Path(model_path), Path(out)
     if not model_path.is_file():
         raise HardwireError(f"{model_path}: model not found (`make models` downloads it)")
-    res = {"model": str(model_path), "wbits": wbits, "cpus": os.cpu_count(),
+    res = {"model": str(model_path), "wbits": wbits, "fold": fold, "cpus": os.cpu_count(),
            "load_average_start": list(os.getloadavg())}
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
 
     say("compile (hardwire compile) ...")
     t0 = time.perf_counter()
-    rep = compile_model(model_path, out / "compile", wbits=wbits, progress=progress)
+    rep = compile_model(model_path, out / "compile", wbits=wbits, fold=fold, progress=progress)
     res["compile_seconds"] = round(time.perf_counter() - t0, 1)
     res["mac_units"] = rep["mac_units"]
 
     qm = quantize_model(load_model(model_path), wbits=wbits)
-    plan = plan_chip(qm)
+    plan = plan_chip(qm, fold=fold)
     say("simulation build from nothing (export + Verilator, empty runtime cache) ...")
     old_cache = os.environ.get("HARDWIRE_CACHE_DIR")
     os.environ["HARDWIRE_CACHE_DIR"] = str((out / "empty-cache").absolute())
@@ -119,6 +120,7 @@ def summary(res):
     """A few human-readable lines."""
     pos = res["by_position"]
     lines = [
+        f"fold {res['fold'] or '(planner default)'}: "
         f"compile {res['compile_seconds']} s; simulation build from nothing: export "
         f"{res['sim_export_seconds']} s + Verilator {res['verilator_build_seconds_cold']} s; "
         f"cached {res['sim_build_seconds_cached']} s",
@@ -142,12 +144,14 @@ def main(argv=None):
     ap.add_argument("--models", default="models", help="folder with stories260K.bin")
     ap.add_argument("-n", type=int, default=256, help="tokens to simulate (256)")
     ap.add_argument("--wbits", default="8")
+    ap.add_argument("--fold", default=None, help="folding (see hardwire compile --help; "
+                    "e.g. layers=shared for the layer-serial chip)")
     ap.add_argument("--out", default="build/bench", help="bench.json and the compile output")
     ap.add_argument("--build-dir", default="build", help="simulation cache (rebuilt here)")
     args = ap.parse_args(argv)
     try:
         res = run_bench(Path(args.models) / "stories260K.bin", n=args.n, wbits=args.wbits,
-                        out=args.out, build_dir=args.build_dir)
+                        fold=args.fold, out=args.out, build_dir=args.build_dir)
     except HardwireError as e:
         print(f"hardwire: error: {e}", file=sys.stderr)
         return 2
