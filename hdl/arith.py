@@ -4,12 +4,15 @@ These mirror the primitive operations of the golden model's numerics (rounding r
 saturation) as Amaranth expressions, so each block spells the arithmetic the same way.
 """
 
-from amaranth.hdl import Cat, Const, Mux, Shape, signed, unsigned, Value
+import operator
+
+from amaranth.hdl import Cat, Const, Mux, Shape, Signal, signed, unsigned, Value
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 __all__ = ["rshift_round", "rshift_round_var", "saturate", "signed_range", "bits_for",
-           "tree_sum", "vector_layout", "exp_vector_layout", "pos_shape", "rom_read_signature"]
+           "tree_sum", "vector_layout", "exp_vector_layout", "pos_shape", "rom_read_signature",
+           "per_layer", "layer_select"]
 
 
 def signed_range(bits):
@@ -99,3 +102,29 @@ def rom_read_signature(*, depth, width):
     (the word at the ``addr`` of the last cycle ``en`` was high) in."""
     return wiring.Signature({"addr": Out(range(depth)), "en": Out(1),
                              "data": In(unsigned(width))})
+
+
+def per_layer(name, value, n_layers):
+    """A per-layer scalar constant as a list of ``n_layers`` ints (a plain int when there is
+    one layer, else a sequence of ``n_layers`` ints)."""
+    if n_layers == 1:
+        return [operator.index(value)]
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise ValueError(f"{name} must be a sequence of n_layers = {n_layers} ints, not "
+                         f"{value!r}")
+    if len(value) != n_layers:
+        raise ValueError(f"{name} has {len(value)} entries, expected n_layers = {n_layers}")
+    return [operator.index(v) for v in value]
+
+
+def layer_select(m, layer, values, name):
+    """``values[layer]``: a plain int when every layer has the same value, else a signal
+    driven by a ``Switch`` on ``layer``."""
+    if len(set(values)) == 1:
+        return values[0]
+    sel = Signal(range(min(values), max(values) + 1), name=name)
+    with m.Switch(layer):
+        for l, v in enumerate(values):
+            with m.Case(l):
+                m.d.comb += sel.eq(v)
+    return sel

@@ -7,7 +7,7 @@ from amaranth.hdl import Cat, Const, Module, Signal, signed, unsigned
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, saturate, vector_layout
+from .arith import bits_for, layer_select, per_layer, saturate, vector_layout
 
 __all__ = ["RMSNorm"]
 
@@ -25,32 +25,6 @@ def _int_vector(name, value, length=None):
     if length is not None and arr.size != length:
         raise ValueError(f"{name} has {arr.size} entries, expected {length}")
     return arr.astype(np.int64)
-
-
-def _per_layer(name, value, n_layers):
-    """A per-layer scalar constant as a list of ``n_layers`` ints (a plain int when there is
-    one layer, else a sequence of ``n_layers`` ints)."""
-    if n_layers == 1:
-        return [operator.index(value)]
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-        raise ValueError(f"{name} must be a sequence of n_layers = {n_layers} ints, not "
-                         f"{value!r}")
-    if len(value) != n_layers:
-        raise ValueError(f"{name} has {len(value)} entries, expected n_layers = {n_layers}")
-    return [operator.index(v) for v in value]
-
-
-def _layer_select(m, layer, values, name):
-    """``values[layer]``: a plain int when every layer has the same value, else a signal
-    driven by a ``Switch`` on ``layer``."""
-    if len(set(values)) == 1:
-        return values[0]
-    sel = Signal(range(min(values), max(values) + 1), name=name)
-    with m.Switch(layer):
-        for l, v in enumerate(values):
-            with m.Case(l):
-                m.d.comb += sel.eq(v)
-    return sel
 
 
 class RMSNorm(wiring.Component):
@@ -122,8 +96,8 @@ class RMSNorm(wiring.Component):
         n_layers, rsqrt_frac = operator.index(n_layers), operator.index(rsqrt_frac)
         if n_layers < 1:
             raise ValueError(f"n_layers must be at least 1, not {n_layers}")
-        gain_shifts = _per_layer("gain_shift", gain_shift, n_layers)
-        epss = _per_layer("eps", eps, n_layers)
+        gain_shifts = per_layer("gain_shift", gain_shift, n_layers)
+        epss = per_layer("eps", eps, n_layers)
         if dim < 1:
             raise ValueError(f"dim must be at least 1, not {dim}")
         if lanes < 1 or dim % lanes:
@@ -305,8 +279,8 @@ class RMSNorm(wiring.Component):
                 m.d.comb += gain_rd.addr.eq(Cat(cnt, self.layer))
             else:
                 m.d.comb += gain_rd.addr.eq(self.layer * chunks + cnt)
-            base = _layer_select(m, self.layer, bases, "base")
-            eps = _layer_select(m, self.layer, self._epss, "eps")
+            base = layer_select(m, self.layer, bases, "base")
+            eps = layer_select(m, self.layer, self._epss, "eps")
         m.d.comb += gain_rd.en.eq(issue)
         m.d.sync += [v1.eq(issue), v2.eq(v1), v3.eq(v2), v4.eq(v3), v5.eq(v4)]
         with m.If(issue):

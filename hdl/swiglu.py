@@ -7,7 +7,8 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed
 from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arith import bits_for, exp_vector_layout, rshift_round, saturate, signed_range, vector_layout
+from .arith import (bits_for, exp_vector_layout, layer_select, per_layer, rshift_round, saturate,
+                    signed_range, vector_layout)
 
 __all__ = ["SwiGLU"]
 
@@ -15,32 +16,6 @@ __all__ = ["SwiGLU"]
 _OPERAND_BITS = 18
 # The golden model computes in numpy int64.
 _GOLDEN_BITS = 63
-
-
-def _per_layer(name, value, n_layers):
-    """A per-layer scalar constant as a list of ``n_layers`` ints (a plain int when there is
-    one layer, else a sequence of ``n_layers`` ints)."""
-    if n_layers == 1:
-        return [operator.index(value)]
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-        raise ValueError(f"{name} must be a sequence of n_layers = {n_layers} ints, not "
-                         f"{value!r}")
-    if len(value) != n_layers:
-        raise ValueError(f"{name} has {len(value)} entries, expected n_layers = {n_layers}")
-    return [operator.index(v) for v in value]
-
-
-def _layer_select(m, layer, values, name):
-    """``values[layer]``: a plain int when every layer has the same value, else a signal
-    driven by a ``Switch`` on ``layer``."""
-    if len(set(values)) == 1:
-        return values[0]
-    sel = Signal(range(min(values), max(values) + 1), name=name)
-    with m.Switch(layer):
-        for l, v in enumerate(values):
-            with m.Case(l):
-                m.d.comb += sel.eq(v)
-    return sel
 
 
 class SwiGLU(wiring.Component):
@@ -121,9 +96,9 @@ class SwiGLU(wiring.Component):
         exp_max, n_layers = operator.index(exp_max), operator.index(n_layers)
         if n_layers < 1:
             raise ValueError(f"n_layers must be at least 1, not {n_layers}")
-        offsets = _per_layer("silu_offset", silu_offset, n_layers)
-        mults = _per_layer("mult", mult, n_layers)
-        shifts = _per_layer("shift", shift, n_layers)
+        offsets = per_layer("silu_offset", silu_offset, n_layers)
+        mults = per_layer("mult", mult, n_layers)
+        shifts = per_layer("shift", shift, n_layers)
         out_bits, lanes = operator.index(out_bits), operator.index(lanes)
         if n < 1:
             raise ValueError(f"n must be at least 1, not {n}")
@@ -261,7 +236,7 @@ class SwiGLU(wiring.Component):
         mult = self._mults[0]
         if len(set(self._mults)) > 1:
             mult = Signal(signed(_OPERAND_BITS), name="mult")
-            mult_sel = _layer_select(m, self.layer, self._mults, "mult_sel")
+            mult_sel = layer_select(m, self.layer, self._mults, "mult_sel")
         m.d.sync += [v1.eq(issue), v2.eq(v1), v3.eq(v2)]
         with m.If(issue):
             m.d.sync += [uk.eq(u_low),
