@@ -55,13 +55,23 @@ def run(dut, pos, q, k, v, expect, *, valid_prob=1.0, ready_prob=1.0, expect_err
     inputs = [format(layout.const({"pos": int(p), "q": [int(x) for x in qq],
                                    "k": [int(x) for x in kk], "v": [int(x) for x in vv]})
                      .as_value().value, "x") for p, qq, kk, vv in zip(pos, q, k, v)]
+    return run_bench(dut, dut, "attention", inputs, pos, expect, valid_prob=valid_prob,
+                     ready_prob=ready_prob, expect_error=expect_error,
+                     expect_failure=expect_failure)
+
+
+def run_bench(dut, top, toplevel, inputs, pos, expect, *, valid_prob, ready_prob, expect_error,
+              expect_failure):
+    """The attention bench on ``top`` (``dut`` or a wrapper of it): packed ``inputs`` at
+    positions ``pos`` (those past the context are refused), latency and interval per
+    accepted position from ``dut``."""
     ok = [int(p) for p in pos if p < dut.n_pos]
     vectors = dict(inputs=np.array(inputs), expect=np.asarray(expect).reshape(-1, dut.dim),
                    out_bits=dut.out_bits, valid_prob=valid_prob, ready_prob=ready_prob,
                    latency=np.array([dut.latency(p) for p in ok]),
                    interval=np.array([dut.initiation_interval(p) for p in ok[:-1]]),
                    expect_error=expect_error, quiet=2 * dut.latency(dut.n_pos - 1))
-    return run_cocotb(component_or_verilog=dut, toplevel="attention",
+    return run_cocotb(component_or_verilog=top, toplevel=toplevel,
                       test_module="attention_bench", test_dir=TESTS / "benches",
                       build_root=BUILD_ROOT, vectors=vectors, expect_failure=expect_failure,
                       timeout_s=120)

@@ -4,7 +4,6 @@ layer over its own layer's cache rows; cycles, context-full errors, configs."""
 
 import gc
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,12 +16,10 @@ from amaranth.sim import Simulator
 from hardwire.compiler import numerics as nx
 from hardwire.hdl.attention import Attention
 from hardwire.hdl.kvcache import KVCache
-from hardwire.sim.cocotb_runner import run_cocotb
 
 from golden_vectors import rng, stories_qmodel, stories_trace
+from test_hdl_attention import run_bench
 
-TESTS = Path(__file__).resolve().parent
-BUILD_ROOT = TESTS.parent / "build" / "cocotb"
 
 
 class LayerInPayload(wiring.Component):
@@ -106,16 +103,9 @@ def run(dut, seq, expect, *, layers=None, valid_prob=1.0, ready_prob=1.0, expect
                                    "k": [int(x) for x in k], "v": [int(x) for x in v],
                                    "layer": int(lay)}).as_value().value, "x")
               for lay, (_, p, q, k, v) in zip(layers, seq)]
-    ok = [int(s[1]) for s in seq if s[1] < dut.n_pos]
-    vectors = dict(inputs=np.array(inputs), expect=np.asarray(expect).reshape(-1, dut.dim),
-                   out_bits=dut.out_bits, valid_prob=valid_prob, ready_prob=ready_prob,
-                   latency=np.array([dut.latency(p) for p in ok]),
-                   interval=np.array([dut.initiation_interval(p) for p in ok[:-1]]),
-                   expect_error=expect_error, quiet=2 * dut.latency(dut.n_pos - 1))
-    return run_cocotb(component_or_verilog=top, toplevel="attention_banked",
-                      test_module="attention_bench", test_dir=TESTS / "benches",
-                      build_root=BUILD_ROOT, vectors=vectors, expect_failure=expect_failure,
-                      timeout_s=120)
+    return run_bench(dut, top, "attention_banked", inputs, [s[1] for s in seq], expect,
+                     valid_prob=valid_prob, ready_prob=ready_prob, expect_error=expect_error,
+                     expect_failure=expect_failure)
 
 
 def layer_order(r, n_layers, n_pos):
