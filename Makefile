@@ -61,11 +61,14 @@ bench: $(STAMP) models
 	$(BIN)/python -m hardwire.bench --models $(HARDWIRE_MODELS)
 	$(BIN)/python -m hardwire.bench --models $(HARDWIRE_MODELS) --fold layers=shared --out build/bench-shared
 
-# extra hardwire synth options, e.g. SYNTH_ARGS="--nextpnr-args='--router router2'"
+# extra hardwire synth options, e.g. SYNTH_ARGS="--seed 2" or "--nextpnr-args='--no-tmdriv'"
 SYNTH_ARGS ?=
 
+# stories260K at W8 with a 128-token context at 25 MHz: the search picks the layer-serial
+# pe=1,simd=4 plan (85% of the block RAM); at 256 tokens the block RAM is 92% full and
+# nextpnr does not route it (BENCHMARKS.md, FPGA)
 synth: $(STAMP) models
-	$(BIN)/hardwire synth $(HARDWIRE_MODELS)/stories260K.bin --board ulx3s-85f --seq-len 256 -o build/synth $(SYNTH_ARGS)
+	$(BIN)/hardwire synth $(HARDWIRE_MODELS)/stories260K.bin --board ulx3s-85f --seq-len 128 --clock-mhz 25 -o build/synth $(SYNTH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -43,7 +43,7 @@ from . import fit as fitmod
 from .flow import synthesize_rtlil
 
 __all__ = ["BOARDS", "booth_commands", "check_memories", "check_roms", "cycles_summary",
-           "estimate_dsps",
+           "default_router", "estimate_dsps",
            "fit_board", "mul_breakdown", "mul_cells", "soft_multipliers", "synth_board",
            "synth_qmodel"]
 
@@ -133,6 +133,16 @@ def soft_multipliers(muls, dsp_budget):
         dsps -= m["dsps"]
     return soft, {"dsps": dsps, "dsp_budget": dsp_budget, "soft_multipliers": len(soft),
                   "soft_luts": sum(m["luts"] for m in soft), "fits": dsps <= dsp_budget}
+
+
+def default_router(nextpnr_opts):
+    """``nextpnr_opts`` with ``--router router2`` in front unless they choose a router:
+    router2 routed stories260K's layer-serial chip in 7 min where router1 had routed 8% of
+    its arcs after 8 min (BENCHMARKS.md, FPGA)."""
+    opts = tuple(nextpnr_opts)
+    if any(o == "--router" or o.startswith("--router=") for o in opts):
+        return opts
+    return ("--router", "router2", *opts)
 
 
 def booth_commands(soft, per_line=16):
@@ -261,6 +271,14 @@ MOST_FOLDED = "target=1000000000"
 #: LFE5U-85F's 83,640: the rest is left for the datapath, ROM muxes and the host link).
 SOFT_LUT_BUDGET = 32_000
 
+#: Routability margin of the plan search: the share of the device's blocks a searched plan
+#: may use (DP16KD counted packed, as Yosys maps them). stories260K's layer-serial chip on the
+#: LFE5U-85F placed but did not route (router2 overuse falling, then rising again) with 191
+#: DP16KD (92%) and 81 MULT18X18D, or with 196 (94%) and 140 (90%); it routed with 173 (83%)
+#: and 81 (52%), and with 176 (85%) and 108 (69%) (BENCHMARKS.md, FPGA). The most folded
+#: plan and an explicit ``--fold`` are not held to it (they are marked when outside).
+ROUTABLE_FILL = {"DP16KD": 0.85, "MULT18X18D": 0.75}
+
 
 class _Build:
     """One elaborated candidate: the board design, its top, RTLIL, LPF, multipliers, the
@@ -338,24 +356,30 @@ def mul_breakdown(muls, soft=()):
 
 def fit_board(qm, fold=None, *, board="ulx3s-85f", clock_mhz=50.0, baud=115200,
               build_dir="build/fit", progress=False, dsp_budget=None,
-              soft_lut_budget=SOFT_LUT_BUDGET, lora=None, limits=None, fit_json=None):
+              soft_lut_budget=SOFT_LUT_BUDGET, lora=None, limits=None, fit_json=None,
+              fill=None):
     """Choose and elaborate the board design of ``qm`` (see :func:`synth_qmodel`) without
     running the tools: returns ``(build, fit report)`` (the report also in ``fit_json``, if
     given); raises :class:`HardwireError` if the chip cannot fit."""
     platform, device = _platform(board)
     return _fit(qm, fold, platform=platform, device=device, clock_mhz=clock_mhz, baud=baud,
                 build_dir=Path(build_dir), progress=progress, dsp_budget=dsp_budget,
-                soft_lut_budget=soft_lut_budget, lora=lora, limits=limits, fit_json=fit_json)
+                soft_lut_budget=soft_lut_budget, lora=lora, limits=limits, fit_json=fit_json,
+                fill=fill)
 
 
 def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, dsp_budget=None,
-         soft_lut_budget=SOFT_LUT_BUDGET, lora=None, fit_json=None, limits=None):
+         soft_lut_budget=SOFT_LUT_BUDGET, lora=None, fit_json=None, limits=None,
+         fill=None):
     """Elaborate the board for ``fold``, or (``fold=None``) choose the least folded plan
     that fits the device: its flip-flops and DP16KD (:func:`~.fit.estimate_resources`)
     within the device's (or ``limits``: ``{"FF": n, "DP16KD": n}`` overrides), its
     multipliers on the MULT18X18D blocks (at most ``dsp_budget``, default all) with the
     narrowest ones mapped to LUT logic (:func:`soft_multipliers`) up to ``soft_lut_budget``
-    estimated LUT4. The most folded plan is tried first (if it does not fit, no other does),
+    estimated LUT4; besides fitting, a searched plan keeps its packed DP16KD and its
+    MULT18X18D within the routability margin ``fill`` (``{block: share of the device}``,
+    default :data:`ROUTABLE_FILL`). The most folded plan is tried first (if it does not fit,
+    no other does; it is not held to the margin),
     then the planner's, then ``pe=1,simd=S`` for S = 16, 8, 4, 2 (narrow ROM words, which
     pack block RAM best), then up to three ``macs=`` budgets between the most folded and the
     planner's. When no plan with a unit per layer fits, the same search runs with
@@ -369,6 +393,13 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
     budget = avail if dsp_budget is None else min(int(dsp_budget), avail)
     if budget < 0 or soft_lut_budget < 0:
         raise HardwireError("the DSP and soft-multiplier LUT budgets must be non-negative")
+    fill = {**ROUTABLE_FILL, **(fill or {})}
+    if set(fill) - set(ROUTABLE_FILL) or any(
+            not isinstance(v, (int, float)) or not 0 < v <= 1 for v in fill.values()):
+        raise HardwireError(f"routability margins must be DP16KD / MULT18X18D shares in "
+                            f"(0, 1], not {fill}")
+    routable = {"DP16KD": int(fill["DP16KD"] * DEVICE_BLOCKS[device]["DP16KD"]),
+                "MULT18X18D": min(budget, int(fill["MULT18X18D"] * avail))}
     limits = dict(limits or {})
     if set(limits) - {"FF", "DP16KD"} or any(
             not isinstance(v, int) or v < 0 for v in limits.values()):
@@ -377,6 +408,11 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
     limits = {"FF": fitmod.DEVICE_LOGIC[device], "DP16KD": DEVICE_BLOCKS[device]["DP16KD"],
               "MULT18X18D": budget, **limits}
     tried = []
+
+    def unroutable(b):
+        """The blocks over the routability margin, one phrase each."""
+        used = {"DP16KD": b.estimate["DP16KD_packed"], "MULT18X18D": b.soft_report["dsps"]}
+        return [f"{used[k]} {k} > {routable[k]}" for k in routable if used[k] > routable[k]]
 
     def build(f):
         _say(progress, f"elaborating the board top ({'fold ' + f if f else 'planned fold'}) "
@@ -389,25 +425,35 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
         tried.append({"fold": f, "dsp_estimate": b.dsps, "dsps_after_soft": r["dsps"],
                       "soft_multipliers": r["soft_multipliers"], "soft_luts": r["soft_luts"],
                       "FF": est["FF"], "DP16KD": est["DP16KD"], "fits": b.fits,
-                      "over": b.over})
+                      "routable": not unroutable(b), "over": b.over})
         _say(progress, f"  estimate: {est['FF']:,} FF ({limits['FF']:,} available), "
                        f"{est['DP16KD']} DP16KD ({limits['DP16KD']}), {b.dsps} MULT18X18D if "
                        f"every multiplier were a DSP; {r['soft_multipliers']} multipliers to "
                        f"LUT logic (~{r['soft_luts']:,} LUT4) leave {r['dsps']} ({budget} "
-                       f"budget, {avail} available): {'fits' if b.fits else 'does not fit'}; "
+                       f"budget, {avail} available): {'fits' if b.fits else 'does not fit'}"
+                       f"{margin(b)}; "
                        f"elaborated in {b.seconds:.1f} s")
         return b
+
+    def margin(b):
+        over = unroutable(b)
+        return f" (over the routability margin: {', '.join(over)})" if over else ""
 
     def report(b, how):
         rep = {"model": qm.name, "device": platform.device, "fold": b.fold, "chosen": how,
                "fits": b.fits, "dsp_estimate": b.dsps, "dsp_available": avail,
-               "dsp_budget": budget, "soft_lut_budget": soft_lut_budget,
+               "dsp_budget": budget, "routable_limits": routable,
+               "routable": not unroutable(b),
+               "soft_lut_budget": soft_lut_budget,
                **{k: b.soft_report[k] for k in ("dsps", "soft_multipliers", "soft_luts")},
                "estimate": _estimate_report(b, limits),
                "multipliers": mul_breakdown(b.muls, b.soft), "tried": tried}
         if fit_json is not None:
             Path(fit_json).parent.mkdir(parents=True, exist_ok=True)
             Path(fit_json).write_text(json.dumps(rep, indent=1) + "\n")
+        if b.fits and unroutable(b):
+            _say(progress, f"the plan{margin(b)} may not route: fewer ROM bits (--seq-len, "
+                           "--wbits) leave nextpnr room")
         return rep
 
     def refuse(b, what):
@@ -434,8 +480,12 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
         refuse(most, f"even the most folded plan ({mac_units(pm)} projection and classifier "
                      f"MACs, {attention_mac_units(pm)} attention lanes"
                      f"{', layers shared' if shared else ''})")
+    def ok(c):
+        """Fits, within the routability margin."""
+        return c.fits and not unroutable(c)
+
     b = build(shared[1:] or None)
-    if b.fits:
+    if ok(b):
         return b, report(b, "planner default (fits)" + (", layers shared" if shared else ""))
     # narrow ROM words pack block RAM best: one row per step, simd weights wide (a tied
     # classifier at the embedding's lanes reads the embedding ROM); the widest that fits
@@ -444,7 +494,7 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
         if dim % simd:
             continue
         c = build(f"pe=1,simd={simd},embed={simd}{shared}")
-        if c.fits:
+        if ok(c):
             return c, report(c, f"pe=1, simd<={simd} (fits)" +
                              (", layers shared" if shared else ""))
     # between the two: the largest projection budget that still fits
@@ -458,7 +508,7 @@ def _fit(qm, fold, *, platform, device, clock_mhz, baud, build_dir, progress, ds
             c = build(f"macs={mid}{shared}")
         except HardwireError:
             break
-        if c.fits:
+        if ok(c):
             best, lo = c, mid
         else:
             hi = mid
@@ -485,6 +535,7 @@ def synth_qmodel(qm, out_dir, *, board="ulx3s-85f", fold=None, clock_mhz=50.0, b
     t0 = time.monotonic()
     out = Path(out_dir).absolute()
     platform, device = _platform(board)
+    nextpnr_opts = default_router(nextpnr_opts)
     # a refused fold or board leaves no OUT behind; a design that does not fit leaves fit.json
     b, fit = _fit(qm, fold, platform=platform, device=device, clock_mhz=clock_mhz, baud=baud,
                   build_dir=out / "amaranth", progress=progress, dsp_budget=dsp_budget,

@@ -198,7 +198,8 @@ def _build_parser():
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (1)")
     p.add_argument("--nextpnr-args", default="", metavar="ARGS",
                    help="extra nextpnr-ecp5 options, one shell-quoted string (e.g. "
-                   "--nextpnr-args='--router router2' for large designs)")
+                   "--nextpnr-args='--no-tmdriv'; the router is router2 unless they "
+                   "name one)")
     p.add_argument("--json", action="store_true", help="print synth.json to stdout")
     _add_lora_build_args(p)
 

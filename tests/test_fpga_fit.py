@@ -26,7 +26,7 @@ from hardwire.fpga.fit import (
     unit_of,
 )
 from hardwire.fpga.flow import memory_mapping, rtlil_of, yosys_script
-from hardwire.fpga.synth import check_memories, fit_board, synth_qmodel
+from hardwire.fpga.synth import check_memories, default_router, fit_board, synth_qmodel
 from hardwire.sim.toolchain import ensure_toolchain
 
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
@@ -260,3 +260,37 @@ def test_fit_search_falls_back_to_shared_layers(tmp_path):
     # negative control: with the real device the per-layer plans are kept
     b, fit = fit_board(qm, None, build_dir=tmp_path / "auto2")
     assert not b.design.plan.shared_layers and "layers shared" not in fit["chosen"]
+
+
+def test_fit_search_keeps_a_routability_margin(tmp_path):
+    """A searched plan keeps its MULT18X18D (and packed DP16KD) within the routability margin
+    ``fill``: with the MULT18X18D margin just below the planner default's, the search passes
+    over the planner default (recorded as fitting but not routable) and picks a more folded
+    plan within the margin; with no margin (the negative control) the planner default is
+    chosen. Margins outside (0, 1] or for other blocks are refused."""
+    qm = _quantized(**MINI)
+    free = {"DP16KD": 1, "MULT18X18D": 1}
+    planned, fit = fit_board(qm, None, build_dir=tmp_path / "free", fill=free)
+    hi = planned.soft_report["dsps"]
+    assert planned.fold is None and fit["chosen"] == "planner default (fits)"
+    assert fit["routable"] and fit["tried"][0]["dsps_after_soft"] < hi   # most folded: fewer
+    b, fit = fit_board(qm, None, build_dir=tmp_path / "margin",
+                       fill={"MULT18X18D": (hi - 1) / 156})   # the 85F has 156 MULT18X18D
+    assert fit["routable_limits"] == {"DP16KD": int(0.85 * 208), "MULT18X18D": hi - 1}
+    assert b.fold is not None and b.fits and b.soft_report["dsps"] <= hi - 1
+    assert fit["routable"]
+    default = [t for t in fit["tried"] if t["fold"] is None]
+    assert len(default) == 1 and default[0]["fits"] and not default[0]["routable"]
+    assert default[0]["dsps_after_soft"] == hi
+    assert [t["routable"] for t in fit["tried"] if t["fold"] == b.fold] == [True]
+    for bad in ({"MULT18X18D": 0}, {"DP16KD": 1.5}, {"LUT4": 0.5}):
+        with pytest.raises(HardwireError, match=r"routability margins must be"):
+            fit_board(qm, None, build_dir=tmp_path / "bad", fill=bad)
+
+
+def test_nextpnr_routes_with_router2_unless_told():
+    assert default_router(()) == ("--router", "router2")
+    assert default_router(["--no-tmdriv"]) == ("--router", "router2", "--no-tmdriv")
+    assert default_router(("--router", "router1")) == ("--router", "router1")
+    assert default_router(("--router=router1", "--seed", "2")) == ("--router=router1", "--seed",
+                                                                   "2")
